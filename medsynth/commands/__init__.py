@@ -1,0 +1,1 @@
+"""Subcommands of the ``medsynth`` CLI: one module each, with ``register(subparsers)``."""

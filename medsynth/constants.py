@@ -1,0 +1,50 @@
+"""Names shared by every part of medsynth: sequences, label values, regions of interest.
+
+The label convention follows the SAMR / CG-SAMR papers: 0 background, 1 normal brain,
+2 edema, 3 cavity (surgical cavity or necrosis), 4 tumour.
+"""
+
+from __future__ import annotations
+
+# Sequence keys, in the channel order every network output and every manifest uses.
+CLINICAL_SEQUENCES: tuple[str, ...] = ("t1w", "gd_t1w", "t2w", "flair", "aptw")
+BRATS_SEQUENCES: tuple[str, ...] = ("t1w", "gd_t1w", "t2w", "flair")
+SEQUENCE_TITLES: dict[str, str] = {
+    "t1w": "T1w",
+    "gd_t1w": "Gd-T1w",
+    "t2w": "T2w",
+    "flair": "FLAIR",
+    "aptw": "APTw",
+}
+
+BACKGROUND, NORMAL_BRAIN, EDEMA, CAVITY, TUMOR = 0, 1, 2, 3, 4
+LABEL_NAMES: dict[int, str] = {
+    BACKGROUND: "background",
+    NORMAL_BRAIN: "normal_brain",
+    EDEMA: "edema",
+    CAVITY: "cavity",
+    TUMOR: "tumor",
+}
+NUM_LABELS = len(LABEL_NAMES)
+LESION_LABELS: tuple[int, ...] = (EDEMA, CAVITY, TUMOR)
+
+# The three regions of the label-wise discriminators, each a set of label values.
+ROI_LABELS: dict[str, tuple[int, ...]] = {
+    "background": (BACKGROUND,),
+    "normal_brain": (NORMAL_BRAIN,),
+    "lesion": LESION_LABELS,
+}
+
+# BraTS `seg` values to the label convention above (brain voxels with seg 0 become normal brain).
+BRATS_SEG_TO_LABEL: dict[int, int] = {0: NORMAL_BRAIN, 2: EDEMA, 1: CAVITY, 4: TUMOR}
+
+# Manifest columns besides one path column per sequence and one `atlas_<sequence>` column per sequence.
+MANIFEST_ID_COLUMNS: tuple[str, ...] = ("patient_id", "split")
+MANIFEST_LABEL_COLUMN = "label"
+MANIFEST_BRAIN_MASK_COLUMN = "brain_mask"
+SPLITS: tuple[str, ...] = ("train", "val", "test")
+
+
+def atlas_column(sequence: str) -> str:
+    """Manifest column holding the atlas path of ``sequence``."""
+    return f"atlas_{sequence}"

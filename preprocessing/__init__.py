@@ -1,0 +1,1 @@
+"""Raw DICOM / NIfTI brain MRI exams to co-registered, skull-stripped, standardized volumes."""
