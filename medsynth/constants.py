@@ -48,3 +48,28 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 def atlas_column(sequence: str) -> str:
     """Manifest column holding the atlas path of ``sequence``."""
     return f"atlas_{sequence}"
+
+# File-name stems seen in the wild for each sequence (raw exams, BraTS, TCGA), lower case.
+SEQUENCE_ALIASES: dict[str, str] = {
+    "t1": "t1w",
+    "t1w": "t1w",
+    "t1c": "gd_t1w",
+    "t1ce": "gd_t1w",
+    "t1gd": "gd_t1w",
+    "gd_t1w": "gd_t1w",
+    "gdt1w": "gd_t1w",
+    "t2": "t2w",
+    "t2w": "t2w",
+    "flair": "flair",
+    "t2flair": "flair",
+    "apt": "aptw",
+    "aptw": "aptw",
+}
+
+
+def canonical_sequence(name: str) -> str:
+    """Map a file-name stem such as ``t1ce`` or ``T2`` to its sequence key; raises ``ValueError``."""
+    key = name.lower().replace("-", "").replace(" ", "")
+    if key in SEQUENCE_ALIASES:
+        return SEQUENCE_ALIASES[key]
+    raise ValueError(f"unknown sequence name {name!r}; known: {sorted(SEQUENCE_ALIASES)}")
