@@ -1,1 +1,29 @@
+"""Losses of SAMR / CG-SAMR: adversarial (LSGAN), feature matching, shape consistency, confidence map.
 
+The papers' weights of the generator objective (CG-SAMR eq. 6) are in :data:`PAPER_LOSS_WEIGHTS`;
+every loss also takes a ``weight`` argument (default 1) for callers that prefer to set it there.
+"""
+
+from medsynth.losses.adversarial import LeastSquaresAdversarialLoss, predictions_of
+from medsynth.losses.confidence import ConfidenceMapLoss, half_scale
+from medsynth.losses.feature_matching import FeatureMatchingLoss
+from medsynth.losses.shape_consistency import ShapeConsistencyLoss
+
+# lambda1 (feature matching), lambda2 (shape consistency), lambda3 (confidence map); the
+# adversarial term has weight 1.
+PAPER_LOSS_WEIGHTS: dict[str, float] = {
+    "adversarial": 1.0,
+    "feature_matching": 5.0,
+    "shape_consistency": 1.0,
+    "confidence": 1.0,
+}
+
+__all__ = [
+    "PAPER_LOSS_WEIGHTS",
+    "ConfidenceMapLoss",
+    "FeatureMatchingLoss",
+    "LeastSquaresAdversarialLoss",
+    "ShapeConsistencyLoss",
+    "half_scale",
+    "predictions_of",
+]
