@@ -1,1 +1,19 @@
+"""Evaluation metrics: synthesis quality (Table I) and segmentation quality (Table II), and their tables."""
 
+from medsynth.metrics.segmentation import SEGMENTATION_CLASSES, SEGMENTATION_COLUMNS, SegmentationMetrics
+from medsynth.metrics.synthesis import AVERAGE_ROW, SYNTHESIS_CLASSES, SynthesisMetrics, to_uint8_scale
+from medsynth.metrics.tables import comparison_table, to_markdown, write_comparison_table, write_table
+
+__all__ = [
+    "AVERAGE_ROW",
+    "SEGMENTATION_CLASSES",
+    "SEGMENTATION_COLUMNS",
+    "SYNTHESIS_CLASSES",
+    "SegmentationMetrics",
+    "SynthesisMetrics",
+    "comparison_table",
+    "to_markdown",
+    "to_uint8_scale",
+    "write_comparison_table",
+    "write_table",
+]
