@@ -21,3 +21,20 @@ from medsynth.transforms.mask import (
     resize_tumor,
     transplant_lesion,
 )
+from medsynth.transforms.intensity import (
+    DEFAULT_WINDOWS,
+    ScaleToUnit,
+    ScaleToUnitd,
+    UnitToIntensity,
+    UnitToIntensityd,
+    scale_to_unit,
+    unit_to_intensity,
+    windows_for,
+)
+from medsynth.transforms.slices import (
+    FitInPlane,
+    FitInPlaned,
+    axial_slice_stats,
+    neighbour_slices,
+    select_slices,
+)

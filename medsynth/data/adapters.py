@@ -1,0 +1,544 @@
+"""Adapters turning a dataset on disk into a cohort manifest (absolute paths in memory).
+
+Three sources are understood:
+
+* a *ready* cohort folder (the phantom generator's or the preprocessing's output): ``DIR/manifest.csv``;
+* a *BraTS* folder, ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``: the label map of this project and
+  a brain mask are derived per case, and a group atlas is averaged over the train split;
+* a *user CSV*: ``patient_id``, one path column per sequence (aliases such as ``t1ce`` allowed),
+  ``label``; optional ``brain_mask`` (else ``label > 0``), ``split`` (else assigned from the seed) and
+  ``atlas_<sequence>`` columns (else averaged over the train split, which needs a common grid).
+
+Derived files go to an output folder, are written atomically, and are reused when present, so an
+interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from medsynth.constants import (
+    BACKGROUND,
+    BRATS_SEG_TO_LABEL,
+    BRATS_SEQUENCES,
+    CLINICAL_SEQUENCES,
+    MANIFEST_BRAIN_MASK_COLUMN,
+    MANIFEST_LABEL_COLUMN,
+    SPLITS,
+    atlas_column,
+    canonical_sequence,
+)
+from medsynth.data.manifest import (
+    DEFAULT_SPLIT_FRACTIONS,
+    check_patient_level_split,
+    read_manifest,
+    sequences_of,
+    split_patients,
+    write_manifest,
+)
+from medsynth.data.validation import BRAIN_MASK_THRESHOLD, grid_problem, unique_values
+from medsynth.errors import CohortValidationError, InputDataError
+from medsynth.utils.io import save_json, save_nifti
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ATLAS_DIRNAME = "atlas"
+ATLAS_RECORD = "atlas.json"
+# Brain normalisation before averaging: anatomical sequences are in arbitrary scanner units, so each
+# volume is divided by its brain p99.5; APTw is already in physical units (percent) and is averaged as is.
+ATLAS_NORMALISATION_PERCENTILE: dict[str, float | None] = {
+    sequence: (None if sequence == "aptw" else 99.5) for sequence in CLINICAL_SEQUENCES
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Ready cohorts
+
+
+def is_ready_cohort(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds a ``manifest.csv`` (phantom or preprocessing output)."""
+    return (Path(directory) / MANIFEST_NAME).is_file()
+
+
+def read_ready_cohort(directory: str | os.PathLike) -> pd.DataFrame:
+    """The manifest of a ready cohort folder, with absolute paths."""
+    return read_manifest(Path(directory) / MANIFEST_NAME)
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def _strip_nifti_suffix(name: str) -> str | None:
+    for suffix in NIFTI_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _safe_name(patient_id: str) -> str:
+    """``patient_id`` as a file-name component (derived files are named after the patient)."""
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", patient_id) or patient_id in (".", ".."):
+        raise InputDataError(
+            "patient_id must contain only letters, digits, '.', '_' and '-' (it names derived files)",
+            patient_id=patient_id,
+        )
+    return patient_id
+
+
+def _short_hash(*parts: object) -> str:
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:12]
+
+
+def _is_up_to_date(derived: Sequence[Path], sources: Sequence[str | os.PathLike]) -> bool:
+    """Whether every derived file exists and is newer than every source (else it is derived again)."""
+    if not all(Path(p).is_file() for p in derived):
+        return False
+    newest_source = max(os.stat(s).st_mtime_ns for s in sources)
+    return min(Path(p).stat().st_mtime_ns for p in derived) >= newest_source
+
+
+def _sources_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
+    parts = []
+    for path in sorted(str(p) for p in paths):
+        try:
+            stat = os.stat(path)
+            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
+        except OSError:  # reported with its patient by the grid check that follows
+            parts.append(f"{path}:missing")
+    return _short_hash(*parts)
+
+
+def _load_volume(path: str | os.PathLike) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
+    image = nib.load(str(path))
+    data = np.asanyarray(image.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    return data, image
+
+
+def brain_normalised(volume: np.ndarray, brain: np.ndarray, percentile: float | None) -> np.ndarray:
+    """``volume`` / its ``percentile`` over ``brain`` (float32); unchanged when ``percentile`` is None."""
+    volume = volume.astype(np.float32, copy=False)
+    if percentile is None:
+        return volume
+    values = volume[brain]
+    scale = float(np.percentile(values, percentile)) if values.size else 0.0
+    if not scale > 0:
+        raise ValueError(f"cannot brain-normalise: the brain p{percentile} is {scale}")
+    return volume / np.float32(scale)
+
+
+def build_group_atlas(
+    patients: Mapping[str, Mapping[str, str]],
+    brain_masks: Mapping[str, str],
+    sequences: Sequence[str],
+    out_dir: str | os.PathLike,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Voxelwise average of brain-normalised volumes: ``out_dir/atlas_<sequence>.nii.gz`` per sequence.
+
+    Args:
+        patients: patient id -> {sequence: path}; every volume must lie on one common grid
+            (co-registered, e.g. BraTS in SRI24), otherwise a ``ValueError`` lists the grids found.
+        brain_masks: patient id -> brain-mask path (defines the voxels used for normalisation).
+        sequences: sequences to average.
+        out_dir: atlas folder. An ``atlas.json`` written last records the patients and a fingerprint
+            of their files; while it matches, the existing atlas is reused (resumable).
+
+    Returns:
+        sequence -> atlas path.
+    """
+    out_dir = Path(out_dir)
+    paths = {s: str(out_dir / f"atlas_{s}.nii.gz") for s in sequences}
+    record_path = out_dir / ATLAS_RECORD
+    sources = [patients[p][s] for p in patients for s in sequences] + [brain_masks[p] for p in patients]
+    record = {
+        "patients": sorted(patients),
+        "sources": _sources_fingerprint(sources) if patients else "",
+        "sequences": list(sequences),
+        "normalisation_percentile": {s: ATLAS_NORMALISATION_PERCENTILE.get(s, 99.5) for s in sequences},
+    }
+    complete = record_path.is_file() and all(Path(p).is_file() for p in paths.values())
+    if complete and json.loads(record_path.read_text()) == record:
+        logger.info("reusing the group atlas in %s", out_dir)
+        return paths
+    if not patients:
+        raise ValueError("cannot build a group atlas without train patients")
+    _require_common_grid(patients, brain_masks, sequences)
+
+    sums: dict[str, np.ndarray] = {}
+    affine = None
+    for pid in tqdm(sorted(patients), desc="group atlas", disable=not progress):
+        brain_data, brain_image = _load_volume(brain_masks[pid])
+        brain = brain_data >= BRAIN_MASK_THRESHOLD
+        affine = brain_image.affine
+        for sequence in sequences:
+            volume, _ = _load_volume(patients[pid][sequence])
+            try:
+                normalised = brain_normalised(
+                    volume, brain, ATLAS_NORMALISATION_PERCENTILE.get(sequence, 99.5)
+                )
+            except ValueError as error:
+                raise InputDataError(str(error), patients[pid][sequence], pid) from error
+            sums.setdefault(sequence, np.zeros(volume.shape, dtype=np.float64))
+            sums[sequence] += normalised
+    for sequence in sequences:
+        save_nifti((sums[sequence] / len(patients)).astype(np.float32), affine, paths[sequence])
+    save_json(record, record_path)
+    logger.info("group atlas of %d train patient(s) written to %s", len(patients), out_dir)
+    return paths
+
+
+def _require_common_grid(
+    patients: Mapping[str, Mapping[str, str]], brain_masks: Mapping[str, str], sequences: Sequence[str]
+) -> None:
+    grids: dict[tuple, list[str]] = {}
+    reference = None
+    mismatched = []
+    for pid in sorted(patients):
+        files = [(s, patients[pid][s]) for s in sequences] + [(MANIFEST_BRAIN_MASK_COLUMN, brain_masks[pid])]
+        for column, path in files:
+            try:
+                image = nib.load(str(path))
+            except Exception as error:  # missing or corrupt: name the file before averaging anything
+                raise InputDataError(
+                    f"cannot read {column} for the group atlas: {error}", path, pid
+                ) from error
+            key = (tuple(int(v) for v in image.shape[:3]), tuple(np.round(image.affine, 2).ravel().tolist()))
+            grids.setdefault(key, []).append(f"{pid}:{column}")
+            if reference is None:
+                reference = (column, image)
+            elif grid_problem(image, reference[1], reference[0], column):
+                mismatched.append(pid)
+    if mismatched:
+        listing = "; ".join(
+            f"shape {shape}, origin {affine[3::4][:3]} mm: {members[:4]}{' ...' if len(members) > 4 else ''}"
+            for (shape, affine), members in grids.items()
+        )
+        raise ValueError(
+            "cannot build the group atlas: the train patients' volumes are not on one common grid "
+            "(a voxelwise average needs co-registered volumes of identical shape and affine). "
+            f"Grids found: {listing}. Co-register the exams first (medsynth preprocessing) or give "
+            "atlas_<sequence> columns."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# BraTS
+
+
+def find_brats_cases(directory: str | os.PathLike) -> dict[str, dict[str, str]]:
+    """Cases of a BraTS folder: case id -> {"seg" or sequence key: path}. Empty when not a BraTS layout.
+
+    A case is a sub-folder ``<case>`` holding ``<case>_<suffix>.nii[.gz]`` files whose suffix is
+    ``seg`` or a sequence alias (``t1``, ``t1ce``, ``t2``, ``flair``).
+    """
+    directory = Path(directory)
+    cases: dict[str, dict[str, str]] = {}
+    if not directory.is_dir():
+        return cases
+    for case_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        files: dict[str, str] = {}
+        for file in sorted(case_dir.iterdir()):
+            stem = _strip_nifti_suffix(file.name)
+            if stem is None or not stem.startswith(f"{case_dir.name}_"):
+                continue
+            suffix = stem[len(case_dir.name) + 1 :]
+            if suffix.lower() == "seg":
+                files["seg"] = str(file)
+            else:
+                try:
+                    files[canonical_sequence(suffix)] = str(file)
+                except ValueError:
+                    continue
+        if "seg" in files:
+            cases[case_dir.name] = files
+    return cases
+
+
+def is_brats_layout(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` has at least one ``<case>/<case>_seg.nii[.gz]`` case folder."""
+    return bool(find_brats_cases(directory))
+
+
+def derive_brats_label(seg: np.ndarray, sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """This project's label map and the brain mask of a BraTS case (both uint8).
+
+    Outside the brain (every sequence exactly zero) -> 0; inside, BraTS ``seg`` 0 -> 1 (normal brain),
+    2 -> 2 (edema), 1 -> 3 (cavity / necrosis), 4 -> 4 (tumour). Raises ``ValueError`` on other seg values.
+    """
+    seg = np.rint(seg).astype(np.int64) if not np.issubdtype(seg.dtype, np.integer) else seg
+    unknown = sorted(set(unique_values(seg).tolist()) - set(BRATS_SEG_TO_LABEL))
+    if unknown:
+        raise ValueError(f"unknown BraTS seg value(s) {unknown} (expected {sorted(BRATS_SEG_TO_LABEL)})")
+    brain = np.zeros(seg.shape, dtype=bool)
+    for volume in sequences:
+        brain |= volume != 0
+    lookup = np.zeros(max(BRATS_SEG_TO_LABEL) + 1, dtype=np.uint8)
+    for seg_value, label_value in BRATS_SEG_TO_LABEL.items():
+        lookup[seg_value] = label_value
+    label = np.where(brain, lookup[seg], np.uint8(BACKGROUND)).astype(np.uint8)
+    return label, brain.astype(np.uint8)
+
+
+def brats_cohort(
+    brats_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Manifest of a BraTS folder; derived label maps, brain masks and the atlas go to ``out_dir``.
+
+    Sequences ``t1w, gd_t1w, t2w, flair`` point to the original files. Splits are assigned per patient
+    from ``seed``. The atlas averages the brain-normalised volumes of the train split only (valid
+    because BraTS volumes share the SRI24 grid). Resumable: existing derived files are reused, and
+    ``out_dir/manifest.csv`` is written last.
+    """
+    brats_dir, out_dir = Path(brats_dir), Path(out_dir)
+    cases = find_brats_cases(brats_dir)
+    if not cases:
+        raise FileNotFoundError(
+            f"{brats_dir}: no BraTS case found (expected <case>/<case>_{{t1,t1ce,t2,flair,seg}}.nii.gz)"
+        )
+    sequences = BRATS_SEQUENCES
+    errors = []
+    for case, files in cases.items():
+        for key in (*sequences, "seg"):
+            if key not in files:
+                errors.append(
+                    InputDataError(f"missing the {key} file of the BraTS case", brats_dir / case, case)
+                )
+    if errors:
+        raise CohortValidationError(errors)
+    splits = split_patients(cases, split_fractions, seed)
+
+    rows = []
+    for case in tqdm(sorted(cases), desc="BraTS label maps", disable=not progress):
+        files = cases[case]
+        name = _safe_name(case)
+        label_path = out_dir / name / f"{name}_label.nii.gz"
+        brain_path = out_dir / name / f"{name}_brainmask.nii.gz"
+        if not _is_up_to_date([label_path, brain_path], [files[k] for k in (*sequences, "seg")]):
+            try:
+                _write_brats_derived(files, sequences, label_path, brain_path, case)
+            except InputDataError as error:
+                errors.append(error)
+                continue
+        rows.append(
+            {
+                "patient_id": case,
+                "split": splits[case],
+                **{s: files[s] for s in sequences},
+                MANIFEST_LABEL_COLUMN: str(label_path),
+                MANIFEST_BRAIN_MASK_COLUMN: str(brain_path),
+            }
+        )
+    if errors:
+        raise CohortValidationError(errors)
+    manifest = pd.DataFrame(rows)
+    manifest = _attach_group_atlas(manifest, sequences, out_dir / ATLAS_DIRNAME, progress)
+    write_manifest(manifest, out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def _write_brats_derived(
+    files: Mapping[str, str], sequences: Sequence[str], label_path: Path, brain_path: Path, case: str
+) -> None:
+    seg, seg_image = _load_volume(files["seg"])
+    volumes = []
+    for sequence in sequences:
+        data, image = _load_volume(files[sequence])
+        problem = grid_problem(image, seg_image, "seg", sequence)
+        if problem:
+            raise InputDataError(problem, files[sequence], case)
+        volumes.append(data)
+    try:
+        label, brain = derive_brats_label(seg, volumes)
+    except ValueError as error:
+        raise InputDataError(str(error), files["seg"], case) from error
+    # Brain mask first: the label map is the completion marker of a case.
+    save_nifti(brain, seg_image.affine, brain_path, dtype=np.uint8)
+    save_nifti(label, seg_image.affine, label_path, dtype=np.uint8)
+
+
+def _attach_group_atlas(
+    manifest: pd.DataFrame, sequences: Sequence[str], atlas_dir: Path, progress: bool
+) -> pd.DataFrame:
+    train = manifest[manifest["split"] == "train"]
+    atlas = build_group_atlas(
+        {row["patient_id"]: {s: row[s] for s in sequences} for _, row in train.iterrows()},
+        {row["patient_id"]: row[MANIFEST_BRAIN_MASK_COLUMN] for _, row in train.iterrows()},
+        sequences,
+        atlas_dir,
+        progress,
+    )
+    manifest = manifest.copy()
+    for sequence in sequences:
+        manifest[atlas_column(sequence)] = atlas[sequence]
+    return manifest
+
+
+# ----------------------------------------------------------------------------------------------
+# User CSV
+
+
+def canonical_csv_columns(columns: Sequence[str]) -> dict[str, str]:
+    """Map a user CSV's column names to manifest columns (sequence aliases, ``atlas_<alias>``).
+
+    Columns that are neither an id, a split, a label, a brain mask nor a (possibly aliased)
+    sequence or atlas column are kept as they are. Two columns mapping to one name is an error.
+    """
+    fixed = {"patient_id", "split", MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN}
+    mapping: dict[str, str] = {}
+    for column in columns:
+        key = column.strip().lower()
+        if key in fixed:
+            mapping[column] = key
+        elif key.startswith("atlas_"):
+            mapping[column] = atlas_column(canonical_sequence(key[len("atlas_") :]))
+        else:
+            try:
+                mapping[column] = canonical_sequence(key)
+            except ValueError:
+                mapping[column] = column
+    targets = pd.Series(list(mapping.values()))
+    duplicated = sorted(set(targets[targets.duplicated()]))
+    if duplicated:
+        raise ValueError(
+            "several CSV columns mean the same thing: "
+            f"{[(c, t) for c, t in mapping.items() if t in duplicated]}"
+        )
+    return mapping
+
+
+def user_csv_cohort(
+    csv_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Manifest from a user CSV (paths relative to the CSV's folder or absolute).
+
+    Missing pieces are derived into ``out_dir``: brain masks (``label > 0``), splits (from ``seed``),
+    and the group atlas of the train split (requires all train volumes on one grid; a ``ValueError``
+    says so otherwise). The completed manifest is also written to ``out_dir/manifest.csv``.
+    """
+    csv_path, out_dir = Path(csv_path), Path(out_dir)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"cohort CSV not found: {csv_path}")
+    table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    table = table.rename(columns=canonical_csv_columns(list(table.columns)))
+    required = ["patient_id", MANIFEST_LABEL_COLUMN]
+    missing = [c for c in required if c not in table.columns]
+    if missing:
+        raise ValueError(
+            f"{csv_path}: missing column(s) {missing}; required: patient_id, sequence columns, label"
+        )
+    try:
+        sequences = sequences_of(table)
+    except ValueError as error:
+        raise ValueError(
+            f"{csv_path}: {error} (aliases such as t1, t1ce, t2, flair, apt are accepted)"
+        ) from None
+    ignored = [c for c in table.columns if c not in {"patient_id", "split", *_manifest_columns(sequences)}]
+    if ignored:
+        logger.info("%s: ignoring column(s) %s", csv_path.name, ignored)
+    table["patient_id"] = table["patient_id"].str.strip()
+    if (table["patient_id"] == "").any():
+        raise ValueError(f"{csv_path}: some rows have an empty patient_id")
+    if table["patient_id"].duplicated().any():
+        raise ValueError(
+            f"{csv_path}: patient(s) listed more than once: "
+            f"{sorted(table.loc[table['patient_id'].duplicated(), 'patient_id'])}"
+        )
+    root = csv_path.resolve().parent
+    for column in _manifest_columns(sequences):
+        if column in table.columns:
+            table[column] = [str((root / v.strip()).resolve()) if v.strip() else "" for v in table[column]]
+
+    if "split" not in table.columns:
+        assignment = split_patients(table["patient_id"], split_fractions, seed)
+        table["split"] = table["patient_id"].map(assignment)
+    else:
+        table["split"] = table["split"].str.strip().str.lower()
+        empty = table.loc[table["split"] == "", "patient_id"].tolist()
+        if empty:
+            raise ValueError(
+                f"{csv_path}: empty split for patient(s) {empty}; "
+                f"fill them ({list(SPLITS)}) or drop the column"
+            )
+        check_patient_level_split(table)
+
+    if MANIFEST_BRAIN_MASK_COLUMN not in table.columns:
+        table[MANIFEST_BRAIN_MASK_COLUMN] = ""
+    for index, row in table.iterrows():
+        if not row[MANIFEST_BRAIN_MASK_COLUMN]:
+            table.at[index, MANIFEST_BRAIN_MASK_COLUMN] = str(_brain_mask_from_label(row, out_dir))
+
+    atlas_columns = [atlas_column(s) for s in sequences]
+    present = [c for c in atlas_columns if c in table.columns]
+    if present and len(present) != len(atlas_columns):
+        raise ValueError(
+            f"{csv_path}: atlas columns must be given for every sequence or for none; "
+            f"have {present}, missing {sorted(set(atlas_columns) - set(present))}"
+        )
+    if not present:
+        table = _attach_group_atlas(table, sequences, out_dir / ATLAS_DIRNAME, progress)
+    manifest = table[["patient_id", "split", *_manifest_columns(sequences)]].reset_index(drop=True)
+    write_manifest(manifest, out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def _manifest_columns(sequences: Sequence[str]) -> list[str]:
+    return [
+        *sequences,
+        MANIFEST_LABEL_COLUMN,
+        MANIFEST_BRAIN_MASK_COLUMN,
+        *(atlas_column(s) for s in sequences),
+    ]
+
+
+def _brain_mask_from_label(row: Mapping[str, str], out_dir: Path) -> Path:
+    pid = _safe_name(str(row["patient_id"]))
+    path = out_dir / pid / f"{pid}_brainmask.nii.gz"
+    label_path = row[MANIFEST_LABEL_COLUMN]
+    if not label_path or not os.path.isfile(label_path):
+        raise InputDataError(
+            "label file does not exist (needed to derive the brain mask)", label_path or None, pid
+        )
+    if _is_up_to_date([path], [label_path]):
+        return path
+    label, image = _load_volume(label_path)
+    save_nifti((label > 0).astype(np.uint8), image.affine, path, dtype=np.uint8)
+    return path
+
+
+def user_csv_fingerprint(csv_path: str | os.PathLike, seed: int, split_fractions: Sequence[float]) -> str:
+    """Names the derived-files folder of a user CSV (location, content, seed, fractions)."""
+    csv_path = Path(csv_path)
+    return _short_hash(
+        csv_path.resolve(), hashlib.sha256(csv_path.read_bytes()).hexdigest(), seed, tuple(split_fractions)
+    )
+
+
+def brats_fingerprint(brats_dir: str | os.PathLike, seed: int, split_fractions: Sequence[float]) -> str:
+    """Names the derived-files folder of a BraTS folder (location, cases, seed, fractions)."""
+    return _short_hash(
+        Path(brats_dir).resolve(), sorted(find_brats_cases(brats_dir)), seed, tuple(split_fractions)
+    )

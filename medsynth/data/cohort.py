@@ -1,0 +1,176 @@
+"""Resolve "a dataset" (nothing, a folder or a CSV) into a validated cohort manifest.
+
+:func:`resolve_cohort` is what the training bundles call: it recognises the source, runs the
+matching adapter of :mod:`medsynth.data.adapters` (derived files go to ``cache_dir``), checks
+every patient with :func:`medsynth.data.validation.validate_cohort`, and returns the manifest
+with absolute paths.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+
+from medsynth.constants import SPLITS
+from medsynth.data.adapters import (
+    MANIFEST_NAME,
+    brats_cohort,
+    brats_fingerprint,
+    is_brats_layout,
+    is_ready_cohort,
+    read_ready_cohort,
+    user_csv_cohort,
+    user_csv_fingerprint,
+)
+from medsynth.data.manifest import (
+    DEFAULT_SPLIT_FRACTIONS,
+    check_patient_level_split,
+    read_manifest,
+    split_patients,
+)
+from medsynth.data.validation import validate_cohort
+
+logger = logging.getLogger(__name__)
+
+SOURCES_LOOKED_FOR = (
+    "nothing (an empty dataset argument generates a phantom cohort)",
+    f"a folder with {MANIFEST_NAME} (a phantom or preprocessed 'ready' cohort)",
+    "a BraTS folder: <case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz",
+    (
+        "a .csv file with columns patient_id, one per sequence (t1w/t1, gd_t1w/t1ce, t2w/t2, flair, "
+        "aptw/apt), label [, brain_mask, split, atlas_<sequence>]"
+    ),
+)
+
+
+def detect_source(dataset: str | os.PathLike | None) -> str:
+    """The kind of source: ``phantom``, ``ready``, ``brats`` or ``csv``.
+
+    Raises:
+        ValueError: nothing recognisable at ``dataset``; the message lists what was looked for.
+    """
+    if dataset is None or str(dataset).strip() == "":
+        return "phantom"
+    path = Path(dataset)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        return "csv"
+    if path.is_dir():
+        if is_ready_cohort(path):
+            return "ready"
+        if is_brats_layout(path):
+            return "brats"
+    state = "does not exist" if not path.exists() else "is not a recognised dataset"
+    looked_for = "\n".join(f"  - {item}" for item in SOURCES_LOOKED_FOR)
+    raise ValueError(f"dataset {path} {state}. Looked for:\n{looked_for}")
+
+
+def phantom_cohort_dir(
+    cache_dir: str | os.PathLike, seed: int, num_patients: int, shape: Sequence[int]
+) -> Path:
+    """Where the phantom cohort of these parameters lives inside ``cache_dir``."""
+    return Path(cache_dir) / f"phantom_{seed}_{num_patients}_{'x'.join(str(int(s)) for s in shape)}"
+
+
+def _phantom_cohort(
+    cache_dir: Path, seed: int, num_patients: int, shape: Sequence[int], split_fractions: Sequence[float]
+) -> pd.DataFrame:
+    out_dir = phantom_cohort_dir(cache_dir, seed, num_patients, shape)
+    if is_ready_cohort(out_dir):
+        manifest = read_ready_cohort(out_dir)
+        expected = split_patients(manifest["patient_id"], split_fractions, seed)
+        if manifest["split"].tolist() == manifest["patient_id"].map(expected).tolist():
+            logger.info("reusing the phantom cohort in %s", out_dir)
+            return manifest
+        # Other split fractions: the generator keeps the patients and redoes the train-split atlas.
+        logger.info("phantom cohort in %s: re-splitting with fractions %s", out_dir, tuple(split_fractions))
+    from medsynth.data.phantom import generate_phantom_cohort
+
+    logger.info("generating a phantom cohort of %d patient(s) in %s", num_patients, out_dir)
+    manifest_path = generate_phantom_cohort(
+        out_dir,
+        num_patients,
+        seed=seed,
+        layout="ready",
+        shape=tuple(shape),
+        split_fractions=tuple(split_fractions),
+    )
+    return read_manifest(manifest_path)
+
+
+def resolve_cohort(
+    dataset_dir: str | os.PathLike | None,
+    cache_dir: str | os.PathLike,
+    seed: int = 0,
+    split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
+    phantom_patients: int = 12,
+    phantom_shape: Sequence[int] = (256, 256, 15),
+    validate: bool = True,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The validated manifest (absolute paths) of ``dataset_dir``.
+
+    Args:
+        dataset_dir: ``None``/empty -> a phantom cohort generated once into
+            ``cache_dir/phantom_<seed>_<n>_<shape>`` (reused when complete); a folder with
+            ``manifest.csv`` -> that manifest; a BraTS folder -> the BraTS adapter (derived files in
+            ``cache_dir/brats_<hash>``); a ``.csv`` file -> the user-CSV adapter (derived files in
+            ``cache_dir/csv_<hash>``).
+        cache_dir: folder for generated and derived files (and the validation record).
+        seed: seeds the phantom and the split of cohorts without one.
+        split_fractions: train/val/test fractions for cohorts without a split.
+        phantom_patients: number of phantom patients.
+        phantom_shape: phantom grid.
+        validate: check every patient (:func:`validate_cohort`); a passed check is recorded in
+            ``cache_dir/validated`` and not repeated while no file changes.
+        progress: show progress bars.
+
+    Raises:
+        ValueError: the source is not recognised (the message lists what was looked for).
+        CohortValidationError: some patients have unusable files (all of them are listed).
+    """
+    cache_dir = Path(cache_dir)
+    source = detect_source(dataset_dir)
+    logger.info("dataset %s: %s source", dataset_dir or "(none)", source)
+    if source == "phantom":
+        manifest = _phantom_cohort(cache_dir, seed, phantom_patients, phantom_shape, split_fractions)
+    elif source == "ready":
+        manifest = read_ready_cohort(dataset_dir)
+    elif source == "brats":
+        out_dir = cache_dir / f"brats_{brats_fingerprint(dataset_dir, seed, split_fractions)}"
+        manifest = brats_cohort(dataset_dir, out_dir, seed, split_fractions, progress)
+    else:
+        out_dir = cache_dir / f"csv_{user_csv_fingerprint(dataset_dir, seed, split_fractions)}"
+        manifest = user_csv_cohort(dataset_dir, out_dir, seed, split_fractions, progress)
+    check_patient_level_split(manifest)
+    if validate:
+        workers = min(4, os.cpu_count() or 1)  # reading is mostly gzip inflation, which releases the GIL
+        validate_cohort(manifest, num_workers=workers, record_dir=cache_dir / "validated", progress=progress)
+    return manifest.reset_index(drop=True)
+
+
+def cohort_summary(
+    manifest: pd.DataFrame,
+    slice_selection: str = "brain",
+    min_brain_fraction: float = 0.05,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Patients and axial slices per split (``all`` slices and those kept by ``slice_selection``)."""
+    from medsynth.data.dataset import selected_slices, slice_table
+
+    table = slice_table(manifest, progress)
+    kept = selected_slices(table, slice_selection, min_brain_fraction)
+    splits = [s for s in SPLITS if s in set(manifest["split"])]
+    summary = pd.DataFrame(
+        {
+            "patients": [int((manifest["split"] == s).sum()) for s in splits],
+            "slices": [int((table["split"] == s).sum()) for s in splits],
+            f"slices_{slice_selection}": [int((kept["split"] == s).sum()) for s in splits],
+        },
+        index=pd.Index(splits, name="split"),
+    )
+    summary.loc["total"] = summary.sum()
+    return summary
