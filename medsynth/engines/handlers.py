@@ -1,0 +1,391 @@
+"""Ignite handlers of the synthesis workflows: resume, periodic validation, best model, sample grids, tables.
+
+They follow MONAI's handler pattern: a constructor with plain, config-friendly arguments and an
+``attach(engine)`` method, so a bundle config lists them under ``handlers``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+from monai.handlers import CheckpointLoader, ValidationHandler
+from monai.networks.utils import eval_mode
+
+from medsynth.constants import SEQUENCE_TITLES
+from medsynth.utils.io import atomic_path, save_json
+
+logger = logging.getLogger(__name__)
+
+_CHECKPOINT_EPOCH = re.compile(r"epoch=(\d+)\.pt$")
+
+
+def checkpoints_by_epoch(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
+    """The ``*<prefix>_epoch=<n>.pt`` files in ``save_dir`` (as written by
+    :class:`monai.handlers.CheckpointSaver` with ``save_interval``), newest epoch first."""
+    folder = Path(save_dir)
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.glob(f"*{prefix}*epoch=*.pt"):
+        match = _CHECKPOINT_EPOCH.search(path.name)
+        if match:
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
+    """Path of the highest-epoch checkpoint in ``save_dir``, or ``""`` when there is none."""
+    found = checkpoints_by_epoch(save_dir, prefix)
+    return str(found[0]) if found else ""
+
+
+class ResumeCheckpointLoader:
+    """Resume a run from the latest interval checkpoint in ``save_dir``, if there is one.
+
+    Delegates the loading to :class:`monai.handlers.CheckpointLoader` (engine state, networks,
+    optimizers, schedulers, loss state), so re-running the same training command after an
+    interruption continues where the last completed epoch left off. MONAI's saver does not write
+    atomically, so a checkpoint that cannot be read (a job killed while saving) is skipped in
+    favour of the previous one (keep ``n_saved >= 2``).
+
+    Args:
+        save_dir: folder of the interval checkpoints.
+        load_dict: objects to restore, keyed as in the saver's ``save_dict``.
+        enabled: ``False`` always starts from scratch.
+        prefix: file prefix of the checkpoints.
+        map_location: passed to ``torch.load`` (e.g. ``"cpu"``).
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        load_dict: Mapping[str, Any],
+        enabled: bool = True,
+        prefix: str = "checkpoint",
+        map_location: Any = None,
+    ) -> None:
+        self.save_dir = save_dir
+        self.load_dict = dict(load_dict)
+        self.enabled = enabled
+        self.prefix = prefix
+        self.map_location = map_location
+        self.loaded_path = ""
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        if not self.enabled:
+            return
+        for path in checkpoints_by_epoch(self.save_dir, self.prefix):
+            try:
+                torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as error:  # a truncated file: fall back to the previous epoch
+                logger.warning("skipping unreadable checkpoint %s (%s)", path, error)
+                continue
+            logger.info("resuming from %s", path)
+            CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+            self.loaded_path = str(path)
+            return
+
+
+def _every_or_last(interval: int) -> Callable[[Engine, int], bool]:
+    def event_filter(engine: Engine, epoch: int) -> bool:
+        return epoch % interval == 0 or epoch == engine.state.max_epochs
+
+    return event_filter
+
+
+class PeriodicValidationHandler(ValidationHandler):
+    """:class:`monai.handlers.ValidationHandler` that also validates after the last epoch, so a
+    run whose length is not a multiple of ``interval`` still ends with a validated model."""
+
+    def attach(self, engine: Engine) -> None:
+        if self.interval < 1:
+            raise ValueError(f"validation interval must be at least 1, got {self.interval}")
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_every_or_last(self.interval)), self)
+        if self.exec_at_start:
+            engine.add_event_handler(Events.STARTED, self)
+
+
+class BestModelSaver:
+    """Save ``network``'s weights when an evaluator's metric improves (attach to the evaluator).
+
+    Unlike a key-metric :class:`~monai.handlers.CheckpointSaver`, it is checkpointable
+    (``state_dict``/``load_state_dict``): put it in the trainer's checkpoint so that a resumed run
+    compares against the best score of the interrupted one.
+
+    Args:
+        save_dir: output folder.
+        network: module whose ``state_dict`` is saved (e.g. the inference network).
+        metric_name: key in ``engine.state.metrics``.
+        filename: name of the weights file.
+        greater_is_better: direction of the metric.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        network: torch.nn.Module,
+        metric_name: str = "mean_ssim",
+        filename: str = "model.pt",
+        greater_is_better: bool = True,
+    ) -> None:
+        self.save_dir = Path(save_dir)
+        self.network = network
+        self.metric_name = metric_name
+        self.filename = filename
+        self.greater_is_better = greater_is_better
+        self.best_metric = -math.inf if greater_is_better else math.inf
+        self.best_epoch = -1
+
+    @property
+    def path(self) -> Path:
+        return self.save_dir / self.filename
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        value = float(engine.state.metrics[self.metric_name])
+        better = value > self.best_metric if self.greater_is_better else value < self.best_metric
+        if not (better and math.isfinite(value)):
+            return
+        self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        with atomic_path(self.path) as tmp:
+            torch.save(_unwrap(self.network).state_dict(), tmp)
+        save_json(
+            {"metric": self.metric_name, "value": value, "epoch": self.best_epoch},
+            self.save_dir / (Path(self.filename).stem + "_best_metric.json"),
+        )
+        logger.info("new best %s %.4f at epoch %d: saved %s", self.metric_name, value, self.best_epoch, self.path)
+
+    def state_dict(self) -> dict:
+        return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+
+
+def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().float().cpu().numpy()
+
+
+class SampleGridHandler:
+    """Every ``interval`` epochs (and after the last one) draw a PNG per sample: one row per sequence,
+    columns mask | real | synthesized | confidence (the last for CG-SAMR only).
+
+    The samples are fixed dataset items (evenly spaced), so the grids of successive epochs show the
+    same slices and the progress of the model is easy to follow.
+
+    Args:
+        generator: the synthesis generator (``forward(mask, atlas) -> dict``).
+        dataset: items with ``mask``, ``atlas``, ``image`` and ``label``.
+        output_dir: PNG folder.
+        sequences: sequence keys in channel order (row titles).
+        interval: epochs between grids.
+        num_samples: number of dataset items drawn.
+        device: where the generator runs.
+    """
+
+    def __init__(
+        self,
+        generator: torch.nn.Module,
+        dataset: Sequence[Mapping[str, Any]],
+        output_dir: str,
+        sequences: Sequence[str],
+        interval: int = 1,
+        num_samples: int = 2,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"sample interval must be at least 1, got {interval}")
+        self.generator = generator
+        self.dataset = dataset
+        self.output_dir = Path(output_dir)
+        self.sequences = list(sequences)
+        self.interval = interval
+        self.num_samples = num_samples
+        self.device = torch.device(device)
+        self.written: list[Path] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_every_or_last(self.interval)), self)
+
+    def sample_indices(self) -> list[int]:
+        count = min(self.num_samples, len(self.dataset))
+        return sorted({int(i) for i in np.linspace(0, len(self.dataset) - 1, count)}) if count else []
+
+    def __call__(self, engine: Engine) -> None:
+        self.write(engine.state.epoch)
+
+    def write(self, epoch: int) -> list[Path]:
+        from medsynth.visualize.figures import save_grid
+
+        indices = self.sample_indices()
+        if not indices:
+            return []
+        items = [self.dataset[i] for i in indices]
+        mask = torch.stack([torch.as_tensor(item["mask"]) for item in items]).float().to(self.device)
+        atlas = torch.stack([torch.as_tensor(item["atlas"]) for item in items]).float().to(self.device)
+        generator = _unwrap(self.generator)
+        with eval_mode(generator), torch.no_grad():
+            outputs = generator(mask, atlas)
+        images = _to_numpy(outputs["images"])
+        confidence = _to_numpy(outputs["confidence"]) if "confidence" in outputs else None
+        paths = []
+        for n, (index, item) in enumerate(zip(indices, items)):
+            label = np.asarray(item["label"]).reshape(np.asarray(item["label"]).shape[-2:]).astype(np.int64)
+            real = np.asarray(item["image"], dtype=np.float32)
+            panels, overlays = [], []
+            for s in range(len(self.sequences)):
+                row = [np.zeros_like(real[s]), real[s], images[n, s]]
+                if confidence is not None:
+                    row.append(confidence[n, s])
+                panels.append(row)
+                overlays.append([label] + [None] * (len(row) - 1))
+            columns = ["mask", "real", "synthesized"] + (["confidence"] if confidence is not None else [])
+            patient = item.get("patient_id", "")
+            where = f"{patient} slice {int(item['slice_index'])}" if "slice_index" in item else f"item {index}"
+            path = self.output_dir / f"epoch_{epoch:04d}_sample_{n}.png"
+            save_grid(
+                panels,
+                path,
+                row_titles=[SEQUENCE_TITLES.get(s, s) for s in self.sequences],
+                col_titles=columns,
+                cmaps=["gray", "gray", "gray", "magma"][: len(columns)],
+                vranges=[(0.0, 1.0), (-1.0, 1.0), (-1.0, 1.0), (0.0, 1.0)][: len(columns)],
+                overlays=overlays,
+                title=f"epoch {epoch}: {where}",
+                overlay_alpha=1.0,
+            )
+            paths.append(path)
+        self.written.extend(paths)
+        return paths
+
+
+class SynthesisQualityMetric(Metric):
+    """Ignite metric over :class:`medsynth.metrics.SynthesisMetrics` (the papers' Table I).
+
+    ``compute()`` returns the mean SSIM over sequences, so the metric can be an evaluator's key
+    metric; the full table is left in ``engine.state.metric_details[name]``.
+
+    Args:
+        sequences: sequence keys in channel order.
+        tolerance: pixel-accuracy tolerance, in the metric's intensity units.
+        output_transform: maps ``engine.state.output`` to ``(pred, target, label)``; the default
+            reads the ``pred``, ``image`` and ``label`` entries of the synthesis evaluator's output.
+        summary: the name of the scalar :meth:`compute` returns, a key of :func:`table_summary`.
+    """
+
+    def __init__(
+        self,
+        sequences: Sequence[str],
+        tolerance: float = 16,
+        output_transform: Callable = lambda output: (output["pred"], output["image"], output["label"]),
+        summary: str = "mean_ssim",
+    ) -> None:
+        self.sequences = list(sequences)
+        self.tolerance = tolerance
+        self.summary = summary
+        self.table = None
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        from medsynth.metrics import SynthesisMetrics
+
+        self._metrics = SynthesisMetrics(self.sequences, tolerance=self.tolerance)
+
+    def update(self, output: Sequence[torch.Tensor]) -> None:
+        pred, target, label = output
+        self._metrics.update(pred, target, label)
+
+    def compute(self) -> float:
+        self.table = self._metrics.aggregate()
+        return float(table_summary(self.table, self.sequences)[self.summary])
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        if not hasattr(engine.state, "metric_details") or engine.state.metric_details is None:
+            engine.state.metric_details = {}
+        engine.state.metric_details[name] = self.table
+
+
+def table_summary(table: Any, sequences: Sequence[str] | None = None) -> dict[str, float]:
+    """Flat numbers of a Table I data frame (:meth:`medsynth.metrics.SynthesisMetrics.aggregate`):
+    every cell as ``<row>/<column>`` plus ``mean_ssim``, ``mean_psnr`` and ``mean_<class>_accuracy``
+    from the average row (the mean over sequences)."""
+    from medsynth.metrics import AVERAGE_ROW
+
+    flat: dict[str, float] = {}
+    for row_name, row in table.iterrows():
+        for column, value in row.items():
+            flat[f"{row_name}/{column}"] = float(value)
+    average = table.loc[AVERAGE_ROW]
+    for column, value in average.items():
+        name = str(column).lower()
+        key = f"mean_{name}" if name in ("ssim", "psnr") else f"mean_{name}_accuracy"
+        flat[key] = float(value)
+    return flat
+
+
+class MetricsTableWriter:
+    """After each evaluation write the Table I details of ``metric_name`` as CSV + Markdown and a
+    ``metrics.json`` with the flat numbers (attach to the evaluator).
+
+    Args:
+        output_dir: folder of the tables.
+        sequences: sequence keys in channel order.
+        metric_name: name under which :class:`SynthesisQualityMetric` is attached.
+        table_name: file stem of the CSV / Markdown table.
+        global_epoch_fn: returns the epoch recorded in ``metrics.json`` (default: the engine's epoch).
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        sequences: Sequence[str],
+        metric_name: str = "mean_ssim",
+        table_name: str = "table1",
+        global_epoch_fn: Callable[[Engine], int] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.sequences = list(sequences)
+        self.metric_name = metric_name
+        self.table_name = table_name
+        self.global_epoch_fn = global_epoch_fn
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from medsynth.metrics import write_table
+
+        table = engine.state.metric_details.get(self.metric_name)
+        if table is None:
+            raise RuntimeError(f"no table for metric {self.metric_name!r}; attach SynthesisQualityMetric first")
+        write_table(table, self.output_dir, self.table_name)
+        epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
+        summary = table_summary(table, self.sequences)
+        save_json({"epoch": epoch, "sequences": self.sequences, **summary}, self.output_dir / "metrics.json")
+        logger.info(
+            "epoch %d: mean SSIM %.4f, mean PSNR %.2f dB (tables in %s)",
+            epoch,
+            summary["mean_ssim"],
+            summary["mean_psnr"],
+            self.output_dir,
+        )

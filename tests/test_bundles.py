@@ -1,0 +1,185 @@
+"""The CG-SAMR and SAMR MONAI bundles: train, evaluate, inference, DDP, verify_net_in_out, ckpt_export.
+
+Every run uses the bundles' own configs with tiny overrides (a 3-patient phantom cohort of
+40x40x6 voxels, 32x32 slices, narrow networks, one epoch).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from monai.bundle import ckpt_export, run, verify_net_in_out
+
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_DATA = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32}
+TINY_NETWORK = {"base_width": 4, "num_res_blocks": 1}
+TINY_TRAIN = {
+    **TINY_DATA,
+    **TINY_NETWORK,
+    "num_epochs": 1,
+    "batch_size": 2,
+    "d_base_filters": 8,
+    "d_num_layers": 2,
+    "unet_channels": [4, 8, 16, 32, 64],
+    "val_interval": 1,
+    "sample_interval": 1,
+}
+
+
+def configs(bundle: str, *names: str) -> list[str]:
+    return [str(REPO / "bundles" / bundle / "configs" / name) for name in names]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory) -> str:
+    """A cache with the tiny phantom cohort already generated (the bundles reuse it)."""
+    path = str(tmp_path_factory.mktemp("cache"))
+    _manifest(path)
+    return path
+
+
+def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str) -> Path:
+    common = {"output_dir": str(out), "cache_dir": cache_dir, "logging_file": configs(bundle, "logging.conf")[0]}
+    run(config_file=configs(bundle, "train.json"), meta_file=configs(bundle, "metadata.json")[0], **common, **TINY_TRAIN)
+    run(
+        config_file=configs(bundle, "train.json", "evaluate.json"),
+        meta_file=configs(bundle, "metadata.json")[0],
+        **common,
+        **TINY_TRAIN,
+    )
+    run(
+        config_file=configs(bundle, "inference.json"),
+        meta_file=configs(bundle, "metadata.json")[0],
+        **common,
+        **TINY_DATA,
+        **TINY_NETWORK,
+        splits="test",
+        manipulation="mirror",
+    )
+    return out
+
+
+def _check_outputs(out: Path, confidence: bool, manifest: pd.DataFrame) -> None:
+    assert len(list((out / "checkpoints").glob("checkpoint_epoch=1.pt"))) == 1
+    assert (out / "models" / "model.pt").is_file()
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    samples = sorted((out / "samples").glob("*.png"))
+    assert samples and all(p.stat().st_size > 1000 for p in samples)
+    table = pd.read_csv(out / "metrics" / "table1_val.csv", index_col=0)
+    assert list(table.columns) == ["Edema", "Cavity", "Tumor", "SSIM", "PSNR"]
+    assert list(table.index) == ["T1w", "Gd-T1w", "T2w", "FLAIR", "APTw", "Avg."]
+    metrics = json.loads((out / "metrics" / "metrics.json").read_text())
+    assert -1.0 <= metrics["mean_ssim"] <= 1.0 and metrics["epoch"] == 1
+    assert pd.read_csv(out / "eval" / "table1_test.csv", index_col=0).shape == (6, 5)
+    assert list((out / "eval" / "samples").glob("*.png"))
+    checkpoint = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=True)
+    expected = {"trainer", "generator", "discriminator", "segmenter", "g_optimizer", "d_optimizer", "u_optimizer"}
+    assert expected | {"g_scheduler", "d_scheduler", "u_scheduler", "best_model_saver"} <= set(checkpoint)
+    assert ("confidence_loss" in checkpoint) == confidence
+    assert set(checkpoint["discriminator"]) and all(k.startswith("discriminators.") for k in checkpoint["discriminator"])
+
+    # Inference: every test patient, every sequence, in the geometry of its label map.
+    [patient] = manifest.loc[manifest["split"] == "test", "patient_id"]
+    label_file = manifest.loc[manifest["patient_id"] == patient, "label"].item()
+    reference = nib.load(label_file)
+    case = out / "inference" / patient
+    for sequence in ("t1w", "gd_t1w", "t2w", "flair", "aptw", "label"):
+        image = nib.load(case / f"{sequence}.nii.gz")
+        assert image.shape == reference.shape
+        np.testing.assert_allclose(image.affine, reference.affine, atol=1e-5)
+        assert np.isfinite(image.get_fdata()).all()
+    record = json.loads((case / "synthesis.json").read_text())
+    assert record["manipulation"] == "mirror" and record["intensity_windows"] == "real images"
+
+
+def _manifest(cache_dir: str) -> pd.DataFrame:
+    from medsynth.data.cohort import resolve_cohort
+
+    return resolve_cohort("", cache_dir, phantom_patients=3, phantom_shape=(40, 40, 6), progress=False)
+
+
+def test_cg_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
+    out = _train_evaluate_infer("cg_samr", tmp_path / "cg_samr", cache_dir)
+    _check_outputs(out, confidence=True, manifest=_manifest(cache_dir))
+
+
+def test_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
+    out = _train_evaluate_infer("samr", tmp_path / "samr", cache_dir)
+    _check_outputs(out, confidence=False, manifest=_manifest(cache_dir))
+
+
+@pytest.mark.parametrize("bundle", ["cg_samr", "samr"])
+def test_verify_net_in_out_and_torchscript_export(tmp_path, bundle):
+    meta, inference = configs(bundle, "metadata.json", "inference.json")
+    # num_sequences given: the network check needs no dataset.
+    verify_net_in_out("network_def", meta_file=meta, config_file=inference, device="cpu", num_sequences=5, **TINY_NETWORK)
+
+    torch.manual_seed(0)
+    from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
+
+    generator_class = CGSAMRGenerator if bundle == "cg_samr" else SAMRGenerator
+    network = SynthesisInferenceNetwork(generator_class(num_sequences=5, **TINY_NETWORK)).eval()
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    ckpt_export(
+        "network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        meta_file=meta,
+        config_file=inference,
+        num_sequences=5,
+        **TINY_NETWORK,
+    )
+    scripted = torch.jit.load(str(tmp_path / "model.ts"))
+    x = torch.rand(2, 20, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), network(x))
+
+
+@pytest.mark.slow
+def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path, cache_dir):
+    # The fixture generated the cohort: two processes never race to create it.
+    out = tmp_path / "ddp"
+    overrides = [f"--{key}={json.dumps(value)}" for key, value in {**TINY_TRAIN, "num_epochs": 2}.items()]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=29517",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        str(configs("cg_samr", "train.json", "multi_gpu_train.json")),
+        "--output_dir",
+        str(out),
+        "--cache_dir",
+        cache_dir,
+        *overrides,
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    # Rank 0 alone writes checkpoints, tables and grids.
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert json.loads((out / "metrics" / "metrics.json").read_text())["epoch"] == 2
+    assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
+        "epoch_0001_sample_0.png",
+        "epoch_0001_sample_1.png",
+        "epoch_0002_sample_0.png",
+        "epoch_0002_sample_1.png",
+    ]
+    checkpoint = torch.load(out / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
+    assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]
+    assert not any(key.startswith("module.") for key in checkpoint["generator"])
