@@ -33,6 +33,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from medsynth.utils.logging import setup_logging
 from medsynth.constants import NUM_LABELS
 from medsynth.inference.accelerate import max_abs_difference, optimize_for_inference
 from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
@@ -252,9 +253,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

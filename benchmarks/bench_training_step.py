@@ -38,6 +38,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_synthesis import interleaved_medians, machine_info, random_slices
 
+from medsynth.utils.logging import setup_logging
 from medsynth.engines import SynthesisGANTrainer
 from medsynth.losses import (
     PAPER_LOSS_WEIGHTS,
@@ -150,9 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"
-    )
+    setup_logging()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -11,21 +11,16 @@ from monai.engines.utils import IterationEvents
 from monai.networks.utils import eval_mode
 from torch import nn
 
+from medsynth.engines.trainer import prepare_synthesis_batch
+
 __all__ = ["SynthesisEvaluator", "prepare_evaluation_batch"]
 
 
 def prepare_evaluation_batch(
     batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
 ) -> dict[str, Any]:
-    """The generator inputs and references of a batch on ``device`` (``window`` too when present)."""
-    out: dict[str, Any] = {}
-    for key, dtype in (("mask", torch.float32), ("atlas", torch.float32), ("image", torch.float32), ("label", torch.long)):
-        if key not in batchdata:
-            raise KeyError(f"an evaluation batch needs the key {key!r}")
-        value = torch.as_tensor(batchdata[key])
-        if hasattr(value, "as_tensor"):
-            value = value.as_tensor()
-        out[key] = value.to(device=device, dtype=dtype, non_blocking=non_blocking, **kwargs)
+    """The training batch (:func:`prepare_synthesis_batch`) plus ``window``, ``patient_id`` and ``slice_index``."""
+    out: dict[str, Any] = prepare_synthesis_batch(batchdata, device=device, non_blocking=non_blocking, **kwargs)
     for key in ("window", "patient_id", "slice_index"):
         if key in batchdata:
             out[key] = batchdata[key]

@@ -22,7 +22,7 @@ from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS
 from medsynth.transforms.intensity import ScaleToUnit, unit_to_intensity, windows_for
 from medsynth.transforms.slices import FitInPlane, neighbour_slices
 
-__all__ = ["synthesize_volume", "one_hot_labels", "stack_atlas"]
+__all__ = ["synthesize_volume", "one_hot_labels", "checked_label_volume", "stack_atlas"]
 
 ATLAS_RADIUS = 1  # the slice itself and one neighbour on each side, as in training
 
@@ -32,6 +32,16 @@ def one_hot_labels(label_volume: np.ndarray, num_labels: int = NUM_LABELS) -> np
 
     Raises:
         ValueError: NaNs, non-integer values or labels outside ``0 .. num_labels - 1``.
+    """
+    label = checked_label_volume(label_volume, num_labels)
+    return np.moveaxis(np.eye(num_labels, dtype=np.float32)[label], -1, 0)
+
+
+def checked_label_volume(label_volume: np.ndarray, num_labels: int = NUM_LABELS) -> np.ndarray:
+    """The ``(H, W, D)`` label map as int64 after checking it holds only ``0 .. num_labels - 1``.
+
+    Raises:
+        ValueError: NaNs, non-integer values, unknown labels or a shape that is not a volume.
     """
     label = np.asarray(label_volume)
     if label.ndim == 4 and label.shape[0] == 1:
@@ -47,7 +57,7 @@ def one_hot_labels(label_volume: np.ndarray, num_labels: int = NUM_LABELS) -> np
     unknown = sorted(set(np.unique(label).tolist()) - set(range(num_labels)))
     if unknown:
         raise ValueError(f"label map holds unknown label(s) {unknown}; expected 0..{num_labels - 1}")
-    return np.moveaxis(np.eye(num_labels, dtype=np.float32)[label], -1, 0)
+    return label
 
 
 def stack_atlas(atlas_volumes: np.ndarray | Mapping[str, np.ndarray], sequences: Sequence[str]) -> np.ndarray:
@@ -102,10 +112,10 @@ def synthesize_volume(
     Returns:
         ``{sequence: (H, W, D) float32}`` in intensity units, on the input grid.
     """
-    mask = one_hot_labels(label_volume)
+    label = checked_label_volume(label_volume)
     atlas = stack_atlas(atlas_volumes, sequences)
-    if atlas.shape[1:] != mask.shape[1:]:
-        raise ValueError(f"atlas grid {atlas.shape[1:]} differs from the label map grid {mask.shape[1:]}")
+    if atlas.shape[1:] != label.shape:
+        raise ValueError(f"atlas grid {atlas.shape[1:]} differs from the label map grid {label.shape}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     device = torch.device(device) if device is not None else _device_of(network)
@@ -116,9 +126,10 @@ def synthesize_volume(
     fit_atlas = FitInPlane(image_size, mode="area").transform_for(atlas.shape[1:])
     fitted_atlas = fit_atlas(MetaTensor(torch.as_tensor(atlas)))
     atlas_window, atlas_unit = _scaled_atlas(fitted_atlas.as_tensor(), sequences)
-    label = torch.as_tensor(mask.argmax(0)[None].astype(np.float32))
-    fitted_mask = torch.as_tensor(one_hot_labels(FitInPlane(image_size, mode="nearest")(label)[0].numpy()))
-    depth = mask.shape[-1]
+    # One-hot after fitting the plane: the fitted label map is what the network sees.
+    fitted_label = FitInPlane(image_size, mode="nearest")(torch.as_tensor(label[None], dtype=torch.float32))
+    fitted_mask = torch.as_tensor(one_hot_labels(torch.as_tensor(fitted_label)[0].numpy()))
+    depth = label.shape[-1]
 
     outputs = []
     was_training = network.training
@@ -141,7 +152,7 @@ def synthesize_volume(
         network.train(was_training)
     synthesized = torch.cat(outputs).permute(1, 2, 3, 0)  # (D, N, S, S) -> (N, S, S, D)
 
-    restored = _back_to_input_grid(synthesized, fitted_atlas, fit_atlas, mask.shape[1:])
+    restored = _back_to_input_grid(synthesized, fitted_atlas, fit_atlas, label.shape)
     intensity_windows = atlas_window if windows is None else torch.as_tensor(windows, dtype=torch.float32)
     if tuple(intensity_windows.shape) != (len(sequences), 2):
         raise ValueError(f"windows must have shape ({len(sequences)}, 2), got {tuple(intensity_windows.shape)}")
