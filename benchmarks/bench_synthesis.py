@@ -5,6 +5,9 @@ default NCHW memory format, ``torch.no_grad``) with the variants of
 :func:`medsynth.inference.accelerate.optimize_for_inference`. Repeats are interleaved (naive, variant
 1, variant 2, ..., naive, ...) so that a change of machine load hits all variants alike; medians are
 reported, with the max absolute output difference to the naive network and the load average.
+When an optimized variant runs the volume in micro-batches (the compiled CPU variants), the naive
+network is also timed on the same micro-batches ("naive, chunks of k"), so that the table tells what
+the micro-batching alone brings.
 
 The weights are random (speed does not depend on them), but made realistic for the tolerance check:
 PyTorch's default convolution initialisation (outputs spread over [-1, 1] instead of the ~0.01 of
@@ -34,8 +37,8 @@ import torch
 from torch import nn
 
 from medsynth.utils.logging import setup_logging
-from medsynth.constants import NUM_LABELS
 from medsynth.inference.accelerate import max_abs_difference, optimize_for_inference
+from medsynth.inference.synthesis import random_slices
 from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
 from medsynth.utils.io import save_json
 
@@ -68,17 +71,6 @@ def realistic_random_state(
         for _ in range(passes):
             network(calibration + 0.1 * torch.randn(calibration.shape, generator=generator))
     return network.eval()
-
-
-def random_slices(num_slices: int, size: int, num_sequences: int, seed: int = 0) -> torch.Tensor:
-    """``cat([one-hot mask, atlas])`` of ``num_slices`` random slices: (S, 5 + 3N, size, size) in [-1, 1] / {0, 1}."""
-    generator = torch.Generator().manual_seed(seed)
-    # Blocky label maps (8 x 8 pixel cells) rather than per-pixel noise; speed does not care, the check reads better.
-    cells = torch.randint(0, NUM_LABELS, (num_slices, 1, size // 8, size // 8), generator=generator)
-    labels = nn.functional.interpolate(cells.float(), size=(size, size), mode="nearest").long()[:, 0]
-    mask = nn.functional.one_hot(labels, NUM_LABELS).permute(0, 3, 1, 2).float()
-    atlas = torch.rand((num_slices, 3 * num_sequences, size, size), generator=generator) * 2 - 1
-    return torch.cat([mask, atlas], dim=1)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -160,6 +152,7 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
             "build_s": 0.0,
             "first_call_s": naive_first,
             "max_abs_diff": 0.0,
+            "micro_batch": args.slices,
         }
     ]
     for precision in args.precisions:
@@ -179,8 +172,31 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
                     "first_call_s": optimized.build_seconds,
                     "max_abs_diff": max_abs_difference(output, reference),
                     "rewrites": optimized.rewrites,
+                    "micro_batch": optimized.fixed_batch or args.slices,
                 }
             )
+    # The same micro-batching applied to the naive network, for an honest account of what it brings.
+    micro_batches = sorted({row["micro_batch"] for row in rows[1:] if row["micro_batch"] != args.slices})
+    for micro_batch in micro_batches:
+        label = f"naive, chunks of {micro_batch}"
+
+        def naive_chunked(micro_batch: int = micro_batch) -> torch.Tensor:
+            with torch.no_grad():
+                return torch.cat([network(chunk) for chunk in volume.split(micro_batch)])
+
+        runners[label] = naive_chunked
+        rows.append(
+            {
+                "network": name,
+                "variant": label,
+                "backend": "-",
+                "precision": "fp32",
+                "build_s": 0.0,
+                "first_call_s": 0.0,
+                "max_abs_diff": max_abs_difference(naive_chunked(), reference),
+                "micro_batch": micro_batch,
+            }
+        )
     logger.info("%s: timing %d variants x %d repeats", name, len(runners), args.repeats)
     load_before = os.getloadavg()
     times = interleaved_medians(runners, args.repeats, args.warmup, device)
@@ -201,13 +217,15 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
 
 def markdown_table(rows: list[dict]) -> str:
     lines = [
-        "| network | variant | median s / volume | speed-up vs naive | max abs diff | build + first call s | load avg (1 min) |",
-        "|---|---|---|---|---|---|---|",
+        "| network | variant | slices per call | median s / volume | speed-up vs naive | max abs diff "
+        "| build + first call s | load avg (1 min) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['network']} | {row['variant']}"
             f"{'' if row['backend'] in ('-', row['variant'].split('/')[0]) else ' (fallback: ' + row['backend'] + ')'}"
+            f" | {row['micro_batch']}"
             f" | {row['median_s']:.2f} | {row['speedup']:.2f}x | {row['max_abs_diff']:.1e}"
             f" | {row['first_call_s']:.1f} | {row['load_avg_1min'][0]:.1f} -> {row['load_avg_1min'][1]:.1f} |"
         )

@@ -36,9 +36,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_synthesis import interleaved_medians, machine_info, random_slices
+from bench_synthesis import interleaved_medians, machine_info
 
-from medsynth.utils.logging import setup_logging
 from medsynth.engines import SynthesisGANTrainer
 from medsynth.losses import (
     PAPER_LOSS_WEIGHTS,
@@ -47,8 +46,10 @@ from medsynth.losses import (
     LeastSquaresAdversarialLoss,
     ShapeConsistencyLoss,
 )
+from medsynth.inference.synthesis import random_slices
 from medsynth.networks import CGSAMRGenerator, LabelWiseMultiScaleDiscriminator, make_lesion_unet
 from medsynth.utils.io import save_json
+from medsynth.utils.logging import setup_logging
 
 logger = logging.getLogger("bench_training_step")
 

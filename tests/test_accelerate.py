@@ -246,9 +246,31 @@ def test_auto_compiles_on_cpu_and_matches_eager(network):
     example, larger = _inputs(2, seed=9), _inputs(5, seed=10)
     optimized = optimize_for_inference(network, example, "cpu")
     assert isinstance(optimized, InferenceModule)
-    assert (optimized.backend, optimized.fixed_batch) == ("compile", 2)
+    assert (optimized.backend, optimized.fixed_batch) == ("compile", 2)  # tiny slices: the whole example
+    single = optimize_for_inference(network, example, "cpu", micro_batch=1)
+    assert single.fixed_batch == 1
+    with torch.no_grad():
+        torch.testing.assert_close(single(larger), network(larger), atol=1e-4, rtol=0)
     with torch.no_grad():
         expected = network(larger)
     output = optimized(larger)  # chunks of 2, the last one padded: no recompilation needed
     assert output.shape == expected.shape
     assert torch.allclose(output, expected, atol=1e-4)
+
+
+def test_micro_batch_size_keeps_one_layer_output_within_the_budget(monkeypatch):
+    import medsynth.inference.accelerate as accelerate
+
+    network = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    example = torch.randn(10, 1, 16, 16)
+    largest = 8 * 16 * 16 * 4  # bytes of the first convolution's output for one sample
+    monkeypatch.setattr(accelerate, "CPU_MICRO_BATCH_BYTES", 3 * largest + 1)
+    assert accelerate.micro_batch_size(network, example, "cpu") == 3
+    monkeypatch.setattr(accelerate, "CPU_MICRO_BATCH_BYTES", 1)
+    assert accelerate.micro_batch_size(network, example, "cpu") == 1
+    monkeypatch.setattr(accelerate, "CPU_MICRO_BATCH_BYTES", 10**12)
+    assert accelerate.micro_batch_size(network, example, "cpu") == 10  # never more than the example
+    assert accelerate.micro_batch_size(network, example, "cuda") == 10  # GPUs take the whole batch
+    assert not any(module._forward_hooks for module in network.modules())  # the probes are removed
+    with pytest.raises(ValueError, match="micro_batch"):
+        optimize_for_inference(network, example, "cpu", micro_batch=0)

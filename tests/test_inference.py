@@ -150,3 +150,32 @@ def test_workflow_applies_and_writes_the_manipulated_mask(tmp_path):
     assert ((grown > 0) == (label > 0)).all()  # the brain is unchanged
     with pytest.raises(ValueError, match="unknown manipulation"):
         SynthesisInference(CentreAtlasSlice(), str(tmp_path), SEQUENCES, mask_file="x", atlas_dir="y", manipulation="flip")
+
+
+def test_workflow_optimized_network_writes_the_same_volumes(tmp_path):
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    _write_case(tmp_path, affine)
+    torch.manual_seed(0)
+    network = SynthesisInferenceNetwork(CGSAMRGenerator(num_sequences=len(SEQUENCES), base_width=4, num_res_blocks=1))
+    outputs = {}
+    for backend in ("none", "eager"):
+        workflow = SynthesisInference(
+            network,
+            output_dir=str(tmp_path / backend),
+            sequences=SEQUENCES,
+            image_size=32,
+            mask_file=str(tmp_path / "case7_label.nii.gz"),
+            atlas_dir=str(tmp_path / "atlas"),
+            batch_size=3,
+            backend=backend,
+        )
+        workflow.run()
+        assert (type(workflow.network).__name__ == "InferenceModule") == (backend != "none")
+        outputs[backend] = [nib.load(tmp_path / backend / "case7_label" / f"{s}.nii.gz").get_fdata() for s in SEQUENCES]
+    for plain, optimized in zip(outputs["none"], outputs["eager"]):
+        assert np.ptp(plain) > 0
+        np.testing.assert_allclose(optimized, plain, atol=1e-4 * np.ptp(plain))
+    with pytest.raises(ValueError, match="backend"):
+        SynthesisInference(network, str(tmp_path), SEQUENCES, mask_file="x", atlas_dir="y", backend="tensorrt")
+    with pytest.raises(ValueError, match="precision"):
+        SynthesisInference(network, str(tmp_path), SEQUENCES, mask_file="x", atlas_dir="y", precision="fp16")

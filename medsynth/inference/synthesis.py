@@ -22,7 +22,7 @@ from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS
 from medsynth.transforms.intensity import ScaleToUnit, unit_to_intensity, windows_for
 from medsynth.transforms.slices import FitInPlane, neighbour_slices
 
-__all__ = ["synthesize_volume", "one_hot_labels", "checked_label_volume", "stack_atlas"]
+__all__ = ["synthesize_volume", "one_hot_labels", "checked_label_volume", "random_slices", "stack_atlas"]
 
 ATLAS_RADIUS = 1  # the slice itself and one neighbour on each side, as in training
 
@@ -158,6 +158,19 @@ def synthesize_volume(
         raise ValueError(f"windows must have shape ({len(sequences)}, 2), got {tuple(intensity_windows.shape)}")
     volumes = unit_to_intensity(restored, intensity_windows)
     return {sequence: volumes[c].numpy().astype(np.float32) for c, sequence in enumerate(sequences)}
+
+
+def random_slices(num_slices: int, size: int, num_sequences: int, seed: int = 0) -> torch.Tensor:
+    """Network inputs ``cat([one-hot mask, atlas])`` of ``num_slices`` random slices:
+    (S, 5 + 3N, size, size), the mask in {0, 1}, the atlas in [-1, 1]. For benchmarks and for checking an
+    optimized network against the original one."""
+    generator = torch.Generator().manual_seed(seed)
+    # Blocky label maps (8 x 8 pixel cells) rather than per-pixel noise; speed does not care, the check reads better.
+    cells = torch.randint(0, NUM_LABELS, (num_slices, 1, size // 8, size // 8), generator=generator)
+    labels = nn.functional.interpolate(cells.float(), size=(size, size), mode="nearest").long()[:, 0]
+    mask = nn.functional.one_hot(labels, NUM_LABELS).permute(0, 3, 1, 2).float()
+    atlas = torch.rand((num_slices, 3 * num_sequences, size, size), generator=generator) * 2 - 1
+    return torch.cat([mask, atlas], dim=1)
 
 
 def _back_to_input_grid(

@@ -28,7 +28,8 @@ from medsynth.constants import (
 )
 from medsynth.data.validation import BRAIN_MASK_THRESHOLD
 from medsynth.errors import InputDataError
-from medsynth.inference.synthesis import synthesize_volume
+from medsynth.inference.accelerate import BACKENDS, PRECISIONS, optimize_for_inference
+from medsynth.inference.synthesis import random_slices, synthesize_volume
 from medsynth.transforms.intensity import ScaleToUnit, windows_for
 from medsynth.utils.io import save_json, save_nifti
 
@@ -201,6 +202,13 @@ class SynthesisInference:
         seed: seed of ``"random"``.
         batch_size: slices per forward pass.
         device: where the network runs.
+        backend: ``"none"`` runs the network as it is; ``"auto"``, ``"eager"``, ``"jit"`` or
+            ``"compile"`` first optimizes it with
+            :func:`~medsynth.inference.accelerate.optimize_for_inference` (checked against the
+            original on random slices; on CPU, ``"auto"`` compiles: ~3x faster for whole cohorts,
+            after a one-off compilation of 10-30 s).
+        precision: ``"fp32"`` or ``"bf16"`` for an optimized network (bf16: faster, largest error
+            ~0.04 on the [-1, 1] image scale).
     """
 
     def __init__(
@@ -223,6 +231,8 @@ class SynthesisInference:
         seed: int = 0,
         batch_size: int = 8,
         device: str | torch.device = "cpu",
+        backend: str = "none",
+        precision: str = "fp32",
     ) -> None:
         if manipulation not in MANIPULATIONS:
             raise ValueError(f"unknown manipulation {manipulation!r}; choose one of {MANIPULATIONS}")
@@ -248,6 +258,12 @@ class SynthesisInference:
         self.donor_file = donor_file
         self.seed = seed
         self.batch_size = batch_size
+        if backend != "none" and backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose 'none' or one of {BACKENDS}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+        self.backend = backend
+        self.precision = precision
 
     def _load_weights(self) -> None:
         if not self.checkpoint:
@@ -257,6 +273,15 @@ class SynthesisInference:
         state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
         self.network.load_state_dict(state)
         logger.info("loaded %s", self.checkpoint)
+
+    def _optimize(self) -> None:
+        """Replace the network by its optimized inference form (``backend`` other than ``"none"``)."""
+        if self.backend == "none":
+            return
+        example = random_slices(self.batch_size, self.image_size, len(self.sequences), seed=self.seed)
+        self.network = optimize_for_inference(
+            self.network, example, self.device, precision=self.precision, backend=self.backend
+        )
 
     def cases(self) -> list[dict[str, Any]]:
         """The cases to synthesize: ``name``, ``label``, ``brain_mask``, ``atlas`` files, ``images`` files."""
@@ -295,6 +320,7 @@ class SynthesisInference:
     def run(self) -> list[dict[str, Any]]:
         """Synthesize all cases; returns one record per case (also written as ``synthesis.json``)."""
         self._load_weights()
+        self._optimize()
         cases = self.cases()
         records = []
         for position, case in enumerate(tqdm(cases, desc="synthesizing", unit="case")):
