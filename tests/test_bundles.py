@@ -49,7 +49,7 @@ def cache_dir(tmp_path_factory) -> str:
     return path
 
 
-def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str) -> Path:
+def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str, **inference_overrides) -> Path:
     common = {"output_dir": str(out), "cache_dir": cache_dir, "logging_file": configs(bundle, "logging.conf")[0]}
     run(config_file=configs(bundle, "train.json"), meta_file=configs(bundle, "metadata.json")[0], **common, **TINY_TRAIN)
     run(
@@ -66,6 +66,7 @@ def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str) -> Path:
         **TINY_NETWORK,
         splits="test",
         manipulation="mirror",
+        **inference_overrides,
     )
     return out
 
@@ -115,7 +116,8 @@ def test_cg_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
 
 
 def test_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
-    out = _train_evaluate_infer("samr", tmp_path / "samr", cache_dir)
+    # The optimized inference network (eager rewrites: no compile time in the test suite).
+    out = _train_evaluate_infer("samr", tmp_path / "samr", cache_dir, inference_backend="eager")
     _check_outputs(out, confidence=False, manifest=_manifest(cache_dir))
 
 

@@ -129,3 +129,42 @@ def test_phantom_cohort_to_a_dataloader_batch(tmp_path):
     np.testing.assert_allclose(
         nib.load(resplit.loc[0, "atlas_t1w"]).get_fdata(), expected_atlas, rtol=1e-5, atol=1e-5
     )
+
+
+def test_concurrent_resolutions_generate_the_cohort_once(tmp_path, monkeypatch):
+    # Two DDP ranks starting on an empty cache: one generates, the other waits and reuses.
+    import threading
+    import time
+
+    import medsynth.data.phantom as phantom
+
+    generate = phantom.generate_phantom_cohort
+    calls, active, most_active = [], [0], [0]
+
+    def slow_generate(*args, **kwargs):
+        calls.append(args[0])
+        active[0] += 1
+        most_active[0] = max(most_active[0], active[0])
+        time.sleep(0.5)  # a window in which an unguarded second caller would start generating too
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            active[0] -= 1
+
+    monkeypatch.setattr(phantom, "generate_phantom_cohort", slow_generate)
+    results, errors = [], []
+
+    def resolve():
+        try:
+            results.append(resolve_cohort(None, tmp_path, phantom_patients=3, phantom_shape=(24, 24, 4), progress=False))
+        except Exception as error:  # noqa: BLE001 - reported by the assertion below
+            errors.append(error)
+
+    threads = [threading.Thread(target=resolve) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert len(calls) == 1 and most_active[0] == 1
+    pd.testing.assert_frame_equal(results[0], results[1])

@@ -15,6 +15,7 @@ from medsynth.engines import (
     SynthesisEvaluator,
     SynthesisGANTrainer,
     SynthesisQualityMetric,
+    CheckpointPruner,
     checkpoints_by_epoch,
 )
 from medsynth.losses import ConfidenceMapLoss, FeatureMatchingLoss, LeastSquaresAdversarialLoss, ShapeConsistencyLoss
@@ -161,6 +162,7 @@ def _resumable_run(tmp_path, max_epochs: int, stop_after: int | None, init_seed:
     }
     ResumeCheckpointLoader(str(tmp_path), objects).attach(trainer)
     CheckpointSaver(str(tmp_path), objects, save_interval=1, n_saved=2).attach(trainer)
+    CheckpointPruner(str(tmp_path), keep=2).attach(trainer)
     if stop_after is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
     batches = []
@@ -180,6 +182,12 @@ def test_exact_resume(tmp_path):
     second = _resumable_run(tmp_path / "resumed", max_epochs=2, stop_after=None, init_seed=1)
 
     assert second["trainer"].state.epoch == 2
+    # The resumed run's saver knows nothing of the first run's files: the pruner keeps the 2 newest
+    # and removes the unreadable later one.
+    assert [p.name for p in checkpoints_by_epoch(tmp_path / "resumed")] == [
+        "checkpoint_epoch=2.pt",
+        "checkpoint_epoch=1.pt",
+    ]
     assert first["batches"] + second["batches"] == straight["batches"]  # same data order per epoch
     for name in ("generator", "discriminator", "segmenter", "confidence_loss"):
         expected, actual = straight[name].state_dict(), second[name].state_dict()
@@ -188,3 +196,21 @@ def test_exact_resume(tmp_path):
             assert torch.equal(expected[key], actual[key]), f"{name}.{key} differs after resume"
     assert second["g_scheduler"].get_last_lr() == straight["g_scheduler"].get_last_lr()
     assert second["g_optimizer"].state_dict()["state"][0]["step"] == straight["g_optimizer"].state_dict()["state"][0]["step"]
+
+
+def test_checkpoint_pruner_keeps_the_newest_of_the_current_run(tmp_path):
+    from ignite.engine import Engine
+
+    for epoch in (1, 2, 3, 4, 5, 9):
+        (tmp_path / f"checkpoint_epoch={epoch}.pt").write_bytes(b"x")
+    (tmp_path / "model_best.pt").write_bytes(b"x")  # not an interval checkpoint: never touched
+    engine = Engine(lambda engine, batch: None)
+    engine.state.epoch = 5
+    CheckpointPruner(str(tmp_path), keep=2)(engine)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint_epoch=4.pt",
+        "checkpoint_epoch=5.pt",
+        "model_best.pt",
+    ]
+    with pytest.raises(ValueError, match="at least 2"):
+        CheckpointPruner(str(tmp_path), keep=1)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Sequence
 
 import pandas as pd
+from filelock import FileLock
 
 from medsynth.constants import SPLITS
 from medsynth.data.adapters import (
@@ -135,6 +136,26 @@ def resolve_cohort(
     cache_dir = Path(cache_dir)
     source = detect_source(dataset_dir)
     logger.info("dataset %s: %s source", dataset_dir or "(none)", source)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (DDP ranks, parallel bundle runs) may resolve the same cohort at once: the
+    # first one generates or derives the files, the others wait and then reuse them.
+    with FileLock(str(cache_dir / ".resolve_cohort.lock")):
+        return _resolve_cohort_locked(
+            dataset_dir, source, cache_dir, seed, split_fractions, phantom_patients, phantom_shape, validate, progress
+        )
+
+
+def _resolve_cohort_locked(
+    dataset_dir: str | os.PathLike | None,
+    source: str,
+    cache_dir: Path,
+    seed: int,
+    split_fractions: Sequence[float],
+    phantom_patients: int,
+    phantom_shape: Sequence[int],
+    validate: bool,
+    progress: bool,
+) -> pd.DataFrame:
     if source == "phantom":
         manifest = _phantom_cohort(cache_dir, seed, phantom_patients, phantom_shape, split_fractions)
     elif source == "ready":

@@ -3,6 +3,7 @@
 from medsynth.engines.evaluator import SynthesisEvaluator, prepare_evaluation_batch
 from medsynth.engines.handlers import (
     BestModelSaver,
+    CheckpointPruner,
     MetricsTableWriter,
     PeriodicValidationHandler,
     ResumeCheckpointLoader,
@@ -17,6 +18,7 @@ from medsynth.engines.trainer import SynthesisGANTrainer, prepare_synthesis_batc
 
 __all__ = [
     "BestModelSaver",
+    "CheckpointPruner",
     "LinearDecay",
     "MetricsTableWriter",
     "PeriodicValidationHandler",

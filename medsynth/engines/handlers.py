@@ -98,6 +98,44 @@ class ResumeCheckpointLoader:
             return
 
 
+class CheckpointPruner:
+    """Keep only the ``keep`` newest interval checkpoints of the current run in ``save_dir``.
+
+    :class:`monai.handlers.CheckpointSaver` (``n_saved``) only forgets the files it wrote itself, so
+    after a resume the previous process' checkpoints stayed forever (each holds three networks and
+    their optimizers). Attached after the saver, this handler deletes, after every epoch, the
+    checkpoints older than the ``keep`` newest and those of a later epoch than the current one
+    (left by a run that was started over with ``resume=False``, or unreadable leftovers of a kill:
+    a readable later checkpoint would have been resumed from).
+
+    Args:
+        save_dir: folder of the interval checkpoints.
+        keep: how many to keep (at least 2, so that a kill while saving leaves a readable one).
+        prefix: file prefix of the checkpoints.
+    """
+
+    def __init__(self, save_dir: str, keep: int = 2, prefix: str = "checkpoint") -> None:
+        if keep < 2:
+            raise ValueError(f"keep at least 2 checkpoints (a kill while saving leaves one unreadable), got {keep}")
+        self.save_dir = save_dir
+        self.keep = keep
+        self.prefix = prefix
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        current = engine.state.epoch
+        kept = 0
+        for path in checkpoints_by_epoch(self.save_dir, self.prefix):
+            epoch = int(_CHECKPOINT_EPOCH.search(path.name).group(1))
+            if epoch <= current and kept < self.keep:
+                kept += 1
+                continue
+            path.unlink(missing_ok=True)
+            logger.info("removed %s checkpoint %s", "stale" if epoch > current else "old", path)
+
+
 def _every_or_last(interval: int) -> Callable[[Engine, int], bool]:
     def event_filter(engine: Engine, epoch: int) -> bool:
         return epoch % interval == 0 or epoch == engine.state.max_epochs
