@@ -253,7 +253,11 @@ def test_auto_compiles_on_cpu_and_matches_eager(network):
         torch.testing.assert_close(single(larger), network(larger), atol=1e-4, rtol=0)
     with torch.no_grad():
         expected = network(larger)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     output = optimized(larger)  # chunks of 2, the last one padded: no recompilation needed
+    with torch.inference_mode():
+        optimized(larger.clone())  # an inference tensor, as volume synthesis makes them
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
     assert output.shape == expected.shape
     assert torch.allclose(output, expected, atol=1e-4)
 

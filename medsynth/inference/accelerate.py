@@ -288,10 +288,14 @@ class InferenceModule(nn.Module):
         self.build_seconds = float("nan")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, dtype=torch.float32)
-        if self.backend != "plain":
-            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
+            x = x.to(self.device, dtype=torch.float32)
+            if self.backend != "plain":
+                x = x.contiguous(memory_format=torch.channels_last)
+            if self.fixed_batch is not None and not x.is_inference():
+                # A compiled graph guards on the input being an inference tensor or not: one kind of
+                # input, one compilation (volume synthesis builds its batches in inference mode).
+                x = x.clone()
             if self.fixed_batch is None:
                 return self._runner(x).float().contiguous()
             # A compiled runner is specialized on its micro-batch: run chunks of that size,
