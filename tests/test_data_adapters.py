@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_data_helpers import RAS_AFFINE, TINY_SHAPE, tiny_label, tiny_sequence, write_tiny_cohort
+from cohort_helpers import RAS_AFFINE, TINY_SHAPE, tiny_label, tiny_sequence, write_tiny_cohort
 
 from medsynth.constants import BRATS_SEQUENCES
 from medsynth.data.adapters import brats_cohort, find_brats_cases, user_csv_cohort

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from monai.data import DataLoader
-from test_data_helpers import write_tiny_cohort
+from cohort_helpers import write_tiny_cohort
 
 from medsynth.cli import main
 from medsynth.data.cohort import detect_source, phantom_cohort_dir, resolve_cohort

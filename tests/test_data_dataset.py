@@ -6,7 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from test_data_helpers import LPS_AFFINE, TINY_SHAPE, write_tiny_cohort
+from cohort_helpers import LPS_AFFINE, TINY_SHAPE, write_tiny_cohort
 
 from medsynth.data.dataset import make_slice_dataset
 from medsynth.data.manifest import read_manifest

@@ -6,7 +6,7 @@ import os
 
 import pandas as pd
 import pytest
-from test_data_helpers import write_tiny_cohort
+from cohort_helpers import write_tiny_cohort
 
 from medsynth.data.manifest import (
     check_patient_level_split,

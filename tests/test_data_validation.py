@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-from test_data_helpers import write_tiny_cohort
+from cohort_helpers import write_tiny_cohort
 
 from medsynth.data.manifest import read_manifest
 from medsynth.data.validation import validate_cohort, validate_patient
