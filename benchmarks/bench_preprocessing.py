@@ -49,12 +49,6 @@ def _step_table(timings_csv: Path) -> dict[str, float]:
     return {str(r.step): float(r.seconds) for r in frame.itertuples()}
 
 
-def _dice(a, b) -> float:
-    import numpy as np
-
-    return float(2 * np.sum(a & b) / max(1, a.sum() + b.sum()))
-
-
 def _run_one(raw: Path, out: Path, **pipeline_kwargs) -> tuple[dict[str, float], float]:
     import shutil
 
@@ -75,6 +69,8 @@ def bench_tcga(work: Path) -> dict:
     import nibabel as nib
     import numpy as np
 
+    from medsynth.metrics import binary_dice
+
     exam = SHARED_DATA / "tcga_fg_6692_raw"
     if not exam.is_dir():
         return {"skipped": f"{exam} not available"}
@@ -88,7 +84,7 @@ def bench_tcga(work: Path) -> dict:
     expected = np.asanyarray(nib.load(exam / "t1c_brainmask_reference.nii.gz").dataobj) > 0
     per_patient = sum(v for k, v in steps.items() if k != "qc")
     return {"steps_s": steps, "patient_s_without_qc": per_patient, "cohort_wall_s": total,
-            "brain_mask_dice_vs_reference": _dice(mask, expected), "target_s": 90.0}
+            "brain_mask_dice_vs_reference": binary_dice(mask, expected), "target_s": 90.0}
 
 
 def _registration_errors(raw_patient: Path, matrices: dict) -> dict:
@@ -118,6 +114,7 @@ def bench_phantom(work: Path, compare: bool) -> dict:
     import numpy as np
 
     from medsynth.data.phantom import generate_phantom_cohort
+    from medsynth.metrics import binary_dice
     from preprocessing.registration import load_transform
 
     raw = work / "phantom_raw"
@@ -134,7 +131,7 @@ def bench_phantom(work: Path, compare: bool) -> dict:
     result = {"generation_s": generation, "steps_s": steps, "cohort_wall_s": total,
               "patient_s_without_qc": sum(v for k, v in steps.items() if k != "qc"),
               "registration_error_hub_t2w": _registration_errors(raw / pid, matrices),
-              "brain_mask_dice_vs_truth": _dice(mask, truth_mask)}
+              "brain_mask_dice_vs_truth": binary_dice(mask, truth_mask)}
     if compare:
         from preprocessing.imageio import load_image
         from preprocessing.pipeline import PipelineConfig

@@ -327,3 +327,17 @@ def test_single_method_header_and_segmentation_table_markdown(tmp_path):
     lines = to_markdown(metrics.aggregate()).splitlines()
     assert lines[0] == "| Class | Dice | HD95 | Sensitivity | Specificity | Cases |"
     assert lines[2].startswith("| edema | 0.500 | 2.00 | 0.500 | 0.979 | 1 |")
+
+
+def test_binary_dice_known_answers():
+    from medsynth.metrics import binary_dice
+
+    a = np.zeros((5, 5, 3), dtype=bool)
+    a[1:3, 1:3] = True  # 12 voxels
+    b = np.zeros((5, 5, 3), dtype=np.float32)
+    b[1:4, 1:3] = 1.0  # 18 voxels, 12 shared with a
+    assert binary_dice(a, b) == pytest.approx(2 * 12 / (12 + 18))
+    assert binary_dice(a, a) == pytest.approx(1.0)
+    assert binary_dice(a, ~a) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="shapes differ"):
+        binary_dice(a, b[:4])

@@ -8,13 +8,9 @@ import pytest
 from nibabel.processing import resample_from_to
 
 from medsynth.errors import InputDataError
+from medsynth.metrics import binary_dice
 from preprocessing.imageio import load_image, same_grid
 from preprocessing.skull_strip import ExtractBraind, extract_brain, postprocess_mask
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return float(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
 
 
 def truth_on_grid(truth_path, image: nib.Nifti1Image) -> np.ndarray:
@@ -40,7 +36,7 @@ def test_tcga_gd_t1w_matches_reference_mask(tcga_dir):
     values = np.asanyarray(mask.dataobj)
     assert set(np.unique(values)) == {0, 1}
     reference = np.asanyarray(nib.load(tcga_dir / "t1c_brainmask_reference.nii.gz").dataobj)
-    assert dice(values, reference) >= 0.95
+    assert binary_dice(values, reference) >= 0.95
     stripped = np.asanyarray(out["t1c"].dataobj)
     np.testing.assert_array_equal(stripped[values == 0], 0)
     np.testing.assert_array_equal(stripped[values == 1], np.asanyarray(image.dataobj)[values == 1])
@@ -53,7 +49,7 @@ def test_phantom_brain_masks_match_ground_truth(phantom_raw_patient):
         image = load_image(source)
         mask = extract_brain(image)
         truth = truth_on_grid(phantom_raw_patient / "truth" / f"brain_mask_{sequence}.nii.gz", image)
-        assert dice(np.asanyarray(mask.dataobj), truth) >= 0.95, sequence
+        assert binary_dice(np.asanyarray(mask.dataobj), truth) >= 0.95, sequence
 
 
 def test_postprocessing_keeps_largest_component_and_fills_holes():

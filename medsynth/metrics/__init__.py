@@ -1,6 +1,11 @@
 """Evaluation metrics: synthesis quality (Table I) and segmentation quality (Table II), and their tables."""
 
-from medsynth.metrics.segmentation import SEGMENTATION_CLASSES, SEGMENTATION_COLUMNS, SegmentationMetrics
+from medsynth.metrics.segmentation import (
+    SEGMENTATION_CLASSES,
+    SEGMENTATION_COLUMNS,
+    SegmentationMetrics,
+    binary_dice,
+)
 from medsynth.metrics.synthesis import AVERAGE_ROW, SYNTHESIS_CLASSES, SynthesisMetrics, to_uint8_scale
 from medsynth.metrics.tables import comparison_table, to_markdown, write_comparison_table, write_table
 
@@ -11,6 +16,7 @@ __all__ = [
     "SYNTHESIS_CLASSES",
     "SegmentationMetrics",
     "SynthesisMetrics",
+    "binary_dice",
     "comparison_table",
     "to_markdown",
     "to_uint8_scale",

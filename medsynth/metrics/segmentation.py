@@ -26,17 +26,26 @@ import numpy as np
 import pandas as pd
 import torch
 from monai.config import NdarrayOrTensor
-from monai.metrics import ConfusionMatrixMetric, Cumulative, DiceMetric, HausdorffDistanceMetric
+from monai.metrics import ConfusionMatrixMetric, Cumulative, DiceMetric, HausdorffDistanceMetric, compute_dice
 from monai.utils import convert_to_tensor
 
 from medsynth.constants import CAVITY, EDEMA, TUMOR
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SEGMENTATION_CLASSES", "SEGMENTATION_COLUMNS", "SegmentationMetrics"]
+__all__ = ["SEGMENTATION_CLASSES", "SEGMENTATION_COLUMNS", "SegmentationMetrics", "binary_dice"]
 
 SEGMENTATION_CLASSES: dict[str, int] = {"edema": EDEMA, "cavity": CAVITY, "tumor": TUMOR}
 SEGMENTATION_COLUMNS: tuple[str, ...] = ("Dice", "HD95", "Sensitivity", "Specificity")
+
+
+def binary_dice(prediction: NdarrayOrTensor, truth: NdarrayOrTensor) -> float:
+    """Dice of two masks of the same shape (non-zero = foreground), with MONAI's ``compute_dice``;
+    1.0 when both are empty. For single comparisons such as a brain mask against a reference."""
+    prediction, truth = convert_to_tensor(prediction) != 0, convert_to_tensor(truth) != 0
+    if prediction.shape != truth.shape:
+        raise ValueError(f"mask shapes differ: {tuple(prediction.shape)} vs {tuple(truth.shape)}")
+    return float(compute_dice(prediction[None, None].float(), truth[None, None].float(), ignore_empty=False))
 
 
 class SegmentationMetrics:
