@@ -39,7 +39,7 @@ Batching: the returned module accepts any batch size; pass all slices of a volum
 compiled module is specialized on one batch size, the *micro-batch*, and runs every call in chunks
 of it (padding the last). On CPU the micro-batch is chosen so that one layer's output of a chunk
 fits in :data:`CPU_MICRO_BATCH_BYTES` (a few slices at 256 x 256): the activations then stay in the
-cache from one layer to the next, which made the compiled CG-SAMR ~15 % faster than one 15-slice
+cache from one layer to the next, which made the compiled CG-SAMR 10-15 % faster than one 15-slice
 batch (``benchmarks/README.md``). On GPUs the whole example batch is used.
 """
 
