@@ -23,17 +23,14 @@ import datetime
 import json
 import logging
 import sys
+import tempfile
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
 from monai.bundle import ConfigParser
 from torch import nn
 
-from medsynth.constants import MANIFEST_LABEL_COLUMN, atlas_column
 from medsynth.inference.accelerate import optimize_for_inference
-from medsynth.inference.synthesis import synthesize_volume
 from medsynth.utils.io import save_json
 from medsynth.utils.logging import setup_logging
 
@@ -67,23 +64,22 @@ def _parse_override(text: str) -> tuple[str, object]:
 def real_network_inputs(
     parser: ConfigParser, network: nn.Module, patients: int, split: str
 ) -> tuple[torch.Tensor, list[str]]:
-    """The network inputs ``inference.json`` would build for (at most) the first ``patients`` of
-    ``split`` (``"all"``: the whole cohort), and those patients' ids."""
-    inputs = parser.get_parsed_content("inputs")
-    manifest = inputs["manifest"]
-    sequences = inputs["sequences"]
-    rows = manifest if split == "all" else manifest[manifest["split"] == split]
-    if rows.empty:
-        raise ValueError(f"the cohort has no patient in split {split!r}")
+    """The network inputs ``inference.json`` builds for (at most) the first ``patients`` of ``split``
+    (``"all"``: the whole cohort), and those patients' ids: the bundle's own inferer runs with a
+    recorder in place of the network (outputs into a temporary folder), so the inputs are prepared
+    exactly as in a real inference run (orientation, in-plane fitting, atlas scaling)."""
     recorder = _InputRecorder(network).eval()
-    rows = rows.sort_values("patient_id").head(patients)
-    for _, row in rows.iterrows():
-        label = np.rint(np.asarray(nib.load(row[MANIFEST_LABEL_COLUMN]).dataobj)).astype(np.int64)
-        atlas = {s: np.asarray(nib.load(row[atlas_column(s)]).dataobj, dtype=np.float32) for s in sequences}
-        synthesize_volume(
-            recorder, label, atlas, sequences=sequences, image_size=parser["image_size"], batch_size=parser["batch_size"]
-        )
-    return torch.cat(recorder.inputs), [str(p) for p in rows["patient_id"]]
+    with tempfile.TemporaryDirectory() as scratch:
+        parser["inferer"]["network"] = recorder
+        parser["inferer"]["checkpoint"] = ""  # the recorder wraps the already loaded network
+        parser["inferer"]["backend"] = "none"
+        parser["inferer"]["output_dir"] = scratch
+        parser["splits"] = None if split == "all" else [split]
+        inferer = parser.get_parsed_content("inferer")
+        cases = inferer.cases()[:patients]
+        for case in cases:
+            inferer.synthesize_case(case)
+    return torch.cat(recorder.inputs), [case["name"] for case in cases]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,9 +28,8 @@ logger = logging.getLogger(__name__)
 _CHECKPOINT_EPOCH = re.compile(r"epoch=(\d+)\.pt$")
 
 
-def checkpoints_by_epoch(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
-    """The ``*<prefix>_epoch=<n>.pt`` files in ``save_dir`` (as written by
-    :class:`monai.handlers.CheckpointSaver` with ``save_interval``), newest epoch first."""
+def _epochs_and_checkpoints(save_dir: str | os.PathLike, prefix: str) -> list[tuple[int, Path]]:
+    """``(epoch, path)`` of the ``*<prefix>_epoch=<n>.pt`` files in ``save_dir``, newest epoch first."""
     folder = Path(save_dir)
     if not folder.is_dir():
         return []
@@ -39,7 +38,13 @@ def checkpoints_by_epoch(save_dir: str | os.PathLike, prefix: str = "checkpoint"
         match = _CHECKPOINT_EPOCH.search(path.name)
         if match:
             found.append((int(match.group(1)), path))
-    return [path for _, path in sorted(found, reverse=True)]
+    return sorted(found, reverse=True)
+
+
+def checkpoints_by_epoch(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> list[Path]:
+    """The ``*<prefix>_epoch=<n>.pt`` files in ``save_dir`` (as written by
+    :class:`monai.handlers.CheckpointSaver` with ``save_interval``), newest epoch first."""
+    return [path for _, path in _epochs_and_checkpoints(save_dir, prefix)]
 
 
 def latest_checkpoint(save_dir: str | os.PathLike, prefix: str = "checkpoint") -> str:
@@ -127,8 +132,7 @@ class CheckpointPruner:
     def __call__(self, engine: Engine) -> None:
         current = engine.state.epoch
         kept = 0
-        for path in checkpoints_by_epoch(self.save_dir, self.prefix):
-            epoch = int(_CHECKPOINT_EPOCH.search(path.name).group(1))
+        for epoch, path in _epochs_and_checkpoints(self.save_dir, self.prefix):
             if epoch <= current and kept < self.keep:
                 kept += 1
                 continue

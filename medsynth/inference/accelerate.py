@@ -464,7 +464,7 @@ def optimize_for_inference(
         reference = reference_network(example)
     if not isinstance(reference, torch.Tensor):
         raise TypeError(f"the network must return one tensor, got {type(reference).__name__}")
-    if micro_batch is None:
+    if micro_batch is None and chosen == "compile":  # only a compiled module is specialized on a batch size
         micro_batch = micro_batch_size(reference_network, example, device)
     del reference_network
 

@@ -205,10 +205,10 @@ class SynthesisInference:
         backend: ``"none"`` runs the network as it is; ``"auto"``, ``"eager"``, ``"jit"`` or
             ``"compile"`` first optimizes it with
             :func:`~medsynth.inference.accelerate.optimize_for_inference` (checked against the
-            original on random slices; on CPU, ``"auto"`` compiles: ~3x faster for whole cohorts,
-            after a one-off compilation of 10-30 s).
-        precision: ``"fp32"`` or ``"bf16"`` for an optimized network (bf16: faster, largest error
-            ~0.04 on the [-1, 1] image scale).
+            original on random slices; on CPU, ``"auto"`` compiles: ~2x faster in float32 for whole
+            cohorts, after a one-off compilation of 10-30 s).
+        precision: ``"fp32"`` or ``"bf16"`` for an optimized network (bf16: about twice as fast
+            again on CPUs with AVX512-BF16, largest error ~0.04 on the [-1, 1] image scale).
     """
 
     def __init__(
