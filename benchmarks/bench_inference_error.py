@@ -12,8 +12,10 @@ mean absolute difference to the eager float32 network, and the fraction of pixel
 
 Usage (after the default training run of the CG-SAMR bundle)::
 
-    python benchmarks/bench_inference_error.py --bundle cg_samr --split all --patients 3 --threads 2 --out benchmarks/results/inference_error_cpu.json
-    python benchmarks/bench_inference_error.py --bundle cg_samr --override dataset_dir=/data/brats output_dir=runs/brats
+    python benchmarks/bench_inference_error.py --bundle cg_samr --split all --patients 3 --threads 2 --out
+    benchmarks/results/inference_error_cpu.json
+    python benchmarks/bench_inference_error.py --bundle cg_samr --override dataset_dir=/data/brats
+    output_dir=runs/brats
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +33,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from medsynth.inference.accelerate import optimize_for_inference
+from medsynth.utils.bundles import bundle_config_files
 from medsynth.utils.io import save_json
 from medsynth.utils.logging import setup_logging
 
@@ -65,28 +68,28 @@ def real_network_inputs(
     parser: ConfigParser, network: nn.Module, patients: int, split: str
 ) -> tuple[torch.Tensor, list[str]]:
     """The network inputs ``inference.json`` builds for (at most) the first ``patients`` of ``split``
-    (``"all"``: the whole cohort), and those patients' ids: the bundle's own inferer runs with a
-    recorder in place of the network (outputs into a temporary folder), so the inputs are prepared
-    exactly as in a real inference run (orientation, in-plane fitting, atlas scaling)."""
+    (``"all"``: the whole cohort), and those patients' ids: the bundle's own ``preprocessing`` and
+    ``inferer`` run with a recorder in place of the network, so the inputs are prepared exactly as in
+    a real inference run (orientation, in-plane fitting, atlas scaling, neighbour stacking)."""
     recorder = _InputRecorder(network).eval()
-    with tempfile.TemporaryDirectory() as scratch:
-        parser["inferer"]["network"] = recorder
-        parser["inferer"]["checkpoint"] = ""  # the recorder wraps the already loaded network
-        parser["inferer"]["backend"] = "none"
-        parser["inferer"]["output_dir"] = scratch
-        parser["splits"] = None if split == "all" else [split]
-        inferer = parser.get_parsed_content("inferer")
-        cases = inferer.cases()[:patients]
-        for case in cases:
-            inferer.synthesize_case(case)
-    return torch.cat(recorder.inputs), [case["name"] for case in cases]
+    parser["inferer"]["backend"] = "none"
+    parser["splits"] = None if split == "all" else [split]
+    preprocessing = parser.get_parsed_content("preprocessing")
+    inferer = parser.get_parsed_content("inferer")
+    cases = parser.get_parsed_content("cases")[:patients]
+    for case in cases:
+        item = preprocessing(dict(case))
+        inferer(item["image"][None], recorder)
+    return torch.cat(recorder.inputs), [case["case"] for case in cases]
 
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cli = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     cli.add_argument("--bundle", default="cg_samr", help="bundle folder name under bundles/")
-    cli.add_argument("--override", nargs="*", default=[], help="inference.json overrides, key=value (JSON values)")
+    cli.add_argument(
+        "--override", nargs="*", default=[], help="inference.json overrides, key=value (JSON values)"
+    )
     cli.add_argument("--patients", type=int, default=2, help="patients whose slices are used (at most)")
     cli.add_argument("--split", default="test", help="split the patients come from, or 'all'")
     cli.add_argument(
@@ -98,12 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    os.chdir(REPO)  # the configs' macros name files relative to the repository root
     parser = ConfigParser()
-    parser.read_config(str(REPO / "bundles" / args.bundle / "configs" / "inference.json"))
+    parser.read_config(bundle_config_files(REPO / "bundles" / args.bundle, "inference"))
     parser.update(dict(_parse_override(text) for text in args.override))
     checkpoint = Path(parser.get_parsed_content("ckpt_path"))
     if not checkpoint.is_file():
-        logger.error("no trained checkpoint at %s: train the bundle first (or pass --override output_dir=...)", checkpoint)
+        logger.error(
+            "no trained checkpoint at %s: train the bundle first (or pass --override output_dir=...)",
+            checkpoint,
+        )
         return 1
     network = parser.get_parsed_content("network_def").cpu()
     network.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
@@ -116,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for variant in args.variants.split(","):
         backend, precision = variant.split("/")
-        optimized = optimize_for_inference(network, x[: parser["batch_size"]], "cpu", backend=backend, precision=precision)
+        optimized = optimize_for_inference(
+            network, x[: parser["batch_size"]], "cpu", backend=backend, precision=precision
+        )
         difference = (optimized(x) - reference).abs()
         rows.append(
             {
@@ -128,7 +137,10 @@ def main(argv: list[str] | None = None) -> int:
                 "fraction_beyond_16_of_255": float((difference > PAPER_ACCURACY_THRESHOLD).float().mean()),
             }
         )
-    print(f"\n{args.bundle}, {checkpoint}, {x.shape[0]} slices of {x.shape[-1]}^2 ({len(patient_ids)} patient(s)), {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC\n")
+    print(
+        f"\n{args.bundle}, {checkpoint}, {x.shape[0]} slices of {x.shape[-1]}^2 ({len(patient_ids)} "
+        f"patient(s)), {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC\n"
+    )
     print("| variant (used) | max abs diff | mean abs diff | pixels > 2/255 | pixels > 16/255 |")
     print("|---|---|---|---|---|")
     for row in rows:
@@ -137,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
             f" | {row['fraction_beyond_2_of_255']:.1e} | {row['fraction_beyond_16_of_255']:.1e} |"
         )
     if args.out:
-        save_json({"bundle": args.bundle, "checkpoint": str(checkpoint), "slices": int(x.shape[0]), "patients": len(patient_ids), "rows": rows}, args.out)
+        save_json(
+            {
+                "bundle": args.bundle,
+                "checkpoint": str(checkpoint),
+                "slices": int(x.shape[0]),
+                "patients": len(patient_ids),
+                "rows": rows,
+            },
+            args.out,
+        )
         logger.info("wrote %s", args.out)
     return 0
 

@@ -27,18 +27,30 @@ import sys
 import time
 from pathlib import Path
 
-SHARED_DATA = Path(os.environ.get("MEDSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(
+    os.environ.get("MEDSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
+)
 
 
 def _parse() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/medsynth_bench", help="scratch folder (phantom cache, outputs)")
-    parser.add_argument("--threads", type=int, default=2, help="ITK / torch threads (default 2 = the target machine)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--work", default="/tmp/medsynth_bench", help="scratch folder (phantom cache, outputs)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=2, help="ITK / torch threads (default 2 = the target machine)"
+    )
     parser.add_argument("--skip-tcga", action="store_true")
     parser.add_argument("--skip-phantom", action="store_true")
     parser.add_argument("--compare-strategies", action="store_true")
-    parser.add_argument("--fresh", action="store_true", help="delete previous outputs first (default: yes for outputs)")
-    parser.add_argument("--json", default=None, help="where to write the results (default <work>/bench_preprocessing.json)")
+    parser.add_argument(
+        "--fresh", action="store_true", help="delete previous outputs first (default: yes for outputs)"
+    )
+    parser.add_argument(
+        "--json", default=None, help="where to write the results (default <work>/bench_preprocessing.json)"
+    )
     return parser.parse_args()
 
 
@@ -56,7 +68,9 @@ def _run_one(raw: Path, out: Path, **pipeline_kwargs) -> tuple[dict[str, float],
     from preprocessing.runner import CohortConfig, run_cohort
 
     shutil.rmtree(out, ignore_errors=True)
-    config = CohortConfig(pipeline=PipelineConfig(**pipeline_kwargs), workers=1, atlas_iterations=1, progress=False)
+    config = CohortConfig(
+        pipeline=PipelineConfig(**pipeline_kwargs), workers=1, atlas_iterations=1, progress=False
+    )
     start = time.perf_counter()
     result = run_cohort(raw, out, config)
     total = time.perf_counter() - start
@@ -80,11 +94,19 @@ def bench_tcga(work: Path) -> dict:
     if not link.exists():
         os.symlink(exam, link)
     steps, total = _run_one(raw, work / "tcga_out")
-    mask = np.asanyarray(nib.load(work / "tcga_out" / "TCGA-FG-6692" / "TCGA-FG-6692_brainmask.nii.gz").dataobj) > 0
+    mask = (
+        np.asanyarray(nib.load(work / "tcga_out" / "TCGA-FG-6692" / "TCGA-FG-6692_brainmask.nii.gz").dataobj)
+        > 0
+    )
     expected = np.asanyarray(nib.load(exam / "t1c_brainmask_reference.nii.gz").dataobj) > 0
     per_patient = sum(v for k, v in steps.items() if k != "qc")
-    return {"steps_s": steps, "patient_s_without_qc": per_patient, "cohort_wall_s": total,
-            "brain_mask_dice_vs_reference": binary_dice(mask, expected), "target_s": 90.0}
+    return {
+        "steps_s": steps,
+        "patient_s_without_qc": per_patient,
+        "cohort_wall_s": total,
+        "brain_mask_dice_vs_reference": binary_dice(mask, expected),
+        "target_s": 90.0,
+    }
 
 
 def _registration_errors(raw_patient: Path, matrices: dict) -> dict:
@@ -104,8 +126,13 @@ def _registration_errors(raw_patient: Path, matrices: dict) -> dict:
         # ``spacing`` divides per world axis: the phantom slab grid is axis-aligned (diagonal affine).
         mm, vox = np.linalg.norm(delta, axis=1), np.linalg.norm(delta / spacing, axis=1)
         before = np.linalg.norm((homogeneous @ (np.eye(4) - expected).T)[:, :3], axis=1)
-        rows[sequence] = {"mean_mm": float(mm.mean()), "max_mm": float(mm.max()), "mean_vox": float(vox.mean()),
-                          "max_vox": float(vox.max()), "header_only_mean_mm": float(before.mean())}
+        rows[sequence] = {
+            "mean_mm": float(mm.mean()),
+            "max_mm": float(mm.max()),
+            "mean_vox": float(vox.mean()),
+            "max_vox": float(vox.max()),
+            "header_only_mean_mm": float(before.mean()),
+        }
     return rows
 
 
@@ -128,10 +155,14 @@ def bench_phantom(work: Path, compare: bool) -> dict:
     matrices = {s: load_transform(register / f"{s}_to_aptw.json") for s in ("t1w", "gd_t1w", "t2w", "flair")}
     mask = np.asanyarray(nib.load(out / pid / f"{pid}_brainmask.nii.gz").dataobj) > 0
     truth_mask = np.asanyarray(nib.load(raw / pid / "truth" / "brain_mask.nii.gz").dataobj) > 0
-    result = {"generation_s": generation, "steps_s": steps, "cohort_wall_s": total,
-              "patient_s_without_qc": sum(v for k, v in steps.items() if k != "qc"),
-              "registration_error_hub_t2w": _registration_errors(raw / pid, matrices),
-              "brain_mask_dice_vs_truth": binary_dice(mask, truth_mask)}
+    result = {
+        "generation_s": generation,
+        "steps_s": steps,
+        "cohort_wall_s": total,
+        "patient_s_without_qc": sum(v for k, v in steps.items() if k != "qc"),
+        "registration_error_hub_t2w": _registration_errors(raw / pid, matrices),
+        "brain_mask_dice_vs_truth": binary_dice(mask, truth_mask),
+    }
     if compare:
         from preprocessing.imageio import load_image
         from preprocessing.pipeline import PipelineConfig
@@ -171,21 +202,30 @@ def main() -> int:
         results["tcga"] = bench_tcga(work)
         if "steps_s" in results["tcga"]:
             _print_table("TCGA-FG-6692 (4 sequences, reference t1c)", results["tcga"]["steps_s"])
-            print(f"  per patient (without QC): {results['tcga']['patient_s_without_qc']:.1f} s (target 90 s); "
-                  f"brain-mask Dice vs reference: {results['tcga']['brain_mask_dice_vs_reference']:.4f}")
+            print(
+                f"  per patient (without QC): {results['tcga']['patient_s_without_qc']:.1f} s (target 90 s); "
+                f"brain-mask Dice vs reference: {results['tcga']['brain_mask_dice_vs_reference']:.4f}"
+            )
     if not args.skip_phantom:
         results["phantom"] = bench_phantom(work, args.compare_strategies)
         phantom = results["phantom"]
         _print_table("phantom raw patient (5 sequences, reference APTw slab)", phantom["steps_s"])
-        print(f"  per patient (without QC): {phantom['patient_s_without_qc']:.1f} s; "
-              f"brain-mask Dice vs truth: {phantom['brain_mask_dice_vs_truth']:.4f}")
+        print(
+            f"  per patient (without QC): {phantom['patient_s_without_qc']:.1f} s; "
+            f"brain-mask Dice vs truth: {phantom['brain_mask_dice_vs_truth']:.4f}"
+        )
         for key in ("registration_error_hub_t2w", "registration_error_direct_to_aptw"):
             if key in phantom:
                 print(f"\n  {key} (brain voxels of the APTw grid; voxel = 0.82 x 0.82 x 4.4 mm)")
-                print(f"  {'sequence':<10}{'mean mm':>9}{'max mm':>9}{'mean vox':>10}{'max vox':>9}{'header mm':>11}")
+                print(
+                    f"  {'sequence':<10}{'mean mm':>9}{'max mm':>9}{'mean vox':>10}{'max vox':>9}"
+                    f"{'header mm':>11}"
+                )
                 for sequence, row in phantom[key].items():
-                    print(f"  {sequence:<10}{row['mean_mm']:>9.2f}{row['max_mm']:>9.2f}{row['mean_vox']:>10.2f}"
-                          f"{row['max_vox']:>9.2f}{row['header_only_mean_mm']:>11.2f}")
+                    print(
+                        f"  {sequence:<10}{row['mean_mm']:>9.2f}{row['max_mm']:>9.2f}{row['mean_vox']:>10.2f}"
+                        f"{row['max_vox']:>9.2f}{row['header_only_mean_mm']:>11.2f}"
+                    )
     results["load_average_end"] = os.getloadavg()
     path = Path(args.json) if args.json else work / "bench_preprocessing.json"
     path.write_text(json.dumps(results, indent=2, default=float) + "\n")

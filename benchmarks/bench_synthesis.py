@@ -36,11 +36,11 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from medsynth.utils.logging import setup_logging
+from medsynth.inference import random_slices
 from medsynth.inference.accelerate import max_abs_difference, optimize_for_inference
-from medsynth.inference.synthesis import random_slices
 from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
 from medsynth.utils.io import save_json
+from medsynth.utils.logging import setup_logging
 
 logger = logging.getLogger("bench_synthesis")
 
@@ -215,6 +215,13 @@ def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> 
     return rows
 
 
+def _fallback_note(row: dict) -> str:
+    """`` (fallback: <backend>)`` when the optimizer fell back to another backend than the one asked for."""
+    if row["backend"] in ("-", row["variant"].split("/")[0]):
+        return ""
+    return f" (fallback: {row['backend']})"
+
+
 def markdown_table(rows: list[dict]) -> str:
     lines = [
         "| network | variant | slices per call | median s / volume | speed-up vs naive | max abs diff "
@@ -224,7 +231,7 @@ def markdown_table(rows: list[dict]) -> str:
     for row in rows:
         lines.append(
             f"| {row['network']} | {row['variant']}"
-            f"{'' if row['backend'] in ('-', row['variant'].split('/')[0]) else ' (fallback: ' + row['backend'] + ')'}"
+            f"{_fallback_note(row)}"
             f" | {row['micro_batch']}"
             f" | {row['median_s']:.2f} | {row['speedup']:.2f}x | {row['max_abs_diff']:.1e}"
             f" | {row['first_call_s']:.1f} | {row['load_avg_1min'][0]:.1f} -> {row['load_avg_1min'][1]:.1f} |"
@@ -240,7 +247,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--warmup",
         type=int,
         default=0,
-        help="untimed calls per variant before timing, besides the first call (always untimed, reported apart)",
+        help="untimed calls per variant before timing, besides the first call (untimed, reported apart)",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--networks", default="cgsamr,samr", help="comma-separated: cgsamr, samr")

@@ -10,7 +10,8 @@ Variants, measured in ONE run on the same batch, steps interleaved (naive, optim
   ``cudnn.benchmark`` off;
 * ``optimized``: channels-last weights and batches, fused Adam where the device supports it,
   ``cudnn.benchmark`` on (CUDA); optionally ``--compile`` (``torch.compile`` of the three networks);
-* ``optimized+bf16`` (CUDA only, the trainer's ``bf16=True``: bfloat16 autocast of the forwards).
+* ``optimized+bf16`` (CUDA only, the trainer's ``amp=True`` with bfloat16, the Workflow's mixed
+  precision: autocast of the forwards).
 
 On CUDA the samples/s with and without bf16 are reported. Every variant starts from the same
 weights; the step time is the median over ``--repeats`` steps after ``--warmup`` steps.
@@ -39,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_synthesis import interleaved_medians, machine_info
 
 from medsynth.engines import SynthesisGANTrainer
+from medsynth.inference import random_slices
 from medsynth.losses import (
     PAPER_LOSS_WEIGHTS,
     ConfidenceMapLoss,
@@ -46,7 +48,6 @@ from medsynth.losses import (
     LeastSquaresAdversarialLoss,
     ShapeConsistencyLoss,
 )
-from medsynth.inference.synthesis import random_slices
 from medsynth.networks import CGSAMRGenerator, LabelWiseMultiScaleDiscriminator, make_lesion_unet
 from medsynth.utils.io import save_json
 from medsynth.utils.logging import setup_logging
@@ -104,10 +105,10 @@ def build_trainer(
         feature_matching_loss=FeatureMatchingLoss(),
         shape_consistency_loss=ShapeConsistencyLoss(),
         confidence_loss=ConfidenceMapLoss().to(device),
-        lambda_fm=weights["feature_matching"],
-        lambda_sc=weights["shape_consistency"],
-        lambda_cm=weights["confidence"],
-        bf16=bf16,
+        weight_feature_matching=weights["feature_matching"],
+        weight_shape_consistency=weights["shape_consistency"],
+        weight_confidence=weights["confidence"],
+        amp=bf16,
     )
 
 
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {row['variant']} | {row['median_step_s']:.2f} | {row['samples_per_s']:.2f} | {row['speedup']:.2f}x"
+            f"| {row['variant']} | {row['median_step_s']:.2f} | {row['samples_per_s']:.2f} | "
+            f"{row['speedup']:.2f}x"
             f" | {row['first_step_s']:.1f} | {row['load_avg_1min'][0]:.1f} -> {row['load_avg_1min'][1]:.1f} |"
         )
     if args.out:

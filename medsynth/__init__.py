@@ -1,3 +1,3 @@
 """medsynth: lesion-mask-driven synthesis of multi-sequence brain MRI, built on MONAI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

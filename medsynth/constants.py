@@ -28,6 +28,14 @@ LABEL_NAMES: dict[int, str] = {
 NUM_LABELS = len(LABEL_NAMES)
 LESION_LABELS: tuple[int, ...] = (EDEMA, CAVITY, TUMOR)
 
+# Brain-mask voxels at or above this value are brain (masks may be 0/1, 0/255 or probabilities).
+BRAIN_MASK_THRESHOLD = 0.5
+
+# Atlas input of the generators: the instance's axial slice and ATLAS_NEIGHBOURS slices on each side,
+# per sequence (channel 3 * i + k holds sequence i at slice z + k - ATLAS_NEIGHBOURS).
+ATLAS_NEIGHBOURS = 1
+ATLAS_SLICES_PER_SEQUENCE = 2 * ATLAS_NEIGHBOURS + 1
+
 # The three regions of the label-wise discriminators, each a set of label values.
 ROI_LABELS: dict[str, tuple[int, ...]] = {
     "background": (BACKGROUND,),
@@ -37,6 +45,10 @@ ROI_LABELS: dict[str, tuple[int, ...]] = {
 
 # BraTS `seg` values to the label convention above (brain voxels with seg 0 become normal brain).
 BRATS_SEG_TO_LABEL: dict[int, int] = {0: NORMAL_BRAIN, 2: EDEMA, 1: CAVITY, 4: TUMOR}
+
+# Names of the lesion-mask manipulations (medsynth.transforms.LesionManipulation; the inference
+# configs' and the CLI's ``manipulation``): SAMR Fig. 3, CG-SAMR Fig. 7.
+MANIPULATIONS: tuple[str, ...] = ("none", "mirror", "grow", "shrink", "transplant", "random")
 
 # Manifest columns besides one path column per sequence and one `atlas_<sequence>` column per sequence.
 MANIFEST_ID_COLUMNS: tuple[str, ...] = ("patient_id", "split")
@@ -48,6 +60,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")
 def atlas_column(sequence: str) -> str:
     """Manifest column holding the atlas path of ``sequence``."""
     return f"atlas_{sequence}"
+
 
 # File-name stems seen in the wild for each sequence (raw exams, BraTS, TCGA), lower case.
 SEQUENCE_ALIASES: dict[str, str] = {

@@ -63,7 +63,7 @@ def _registration_args(transform: str, iterations: Sequence[int], syn_iterations
     args = dict(
         type_of_transform=transform,
         aff_iterations=tuple(iterations),
-        aff_shrink_factors=tuple(2 ** i for i in reversed(range(levels))),
+        aff_shrink_factors=tuple(2**i for i in reversed(range(levels))),
         aff_smoothing_sigmas=tuple(float(i) for i in reversed(range(levels))),
         aff_random_sampling_rate=0.2,
     )
@@ -96,14 +96,24 @@ def register_subject_to_template(
     moving = to_ants(subject[primary]).clone("float")
     extras = None
     if transform == "SyN":
-        extras = [("mattes", to_ants(template[s]).clone("float"), to_ants(subject[s]).clone("float"), 1.0, 32)
-                  for s in template if s != primary and s in subject]
-    prefix = str(out_prefix) if out_prefix is not None else tempfile.mkdtemp(prefix="medsynth_atlas_") + "/reg_"
+        extras = [
+            ("mattes", to_ants(template[s]).clone("float"), to_ants(subject[s]).clone("float"), 1.0, 32)
+            for s in template
+            if s != primary and s in subject
+        ]
+    prefix = (
+        str(out_prefix) if out_prefix is not None else tempfile.mkdtemp(prefix="medsynth_atlas_") + "/reg_"
+    )
     identity = write_ants_affine(np.eye(4), prefix + "init.mat")
     with _ants_seed(seed):
-        result = ants.registration(fixed, moving, initial_transform=[str(identity)], outprefix=prefix,
-                                   multivariate_extras=extras or None,
-                                   **_registration_args(transform, iterations, syn_iterations))
+        result = ants.registration(
+            fixed,
+            moving,
+            initial_transform=[str(identity)],
+            outprefix=prefix,
+            multivariate_extras=extras or None,
+            **_registration_args(transform, iterations, syn_iterations),
+        )
     files = list(result["fwdtransforms"])
     affine_file = next(f for f in files if f.endswith(".mat"))
     affine = read_ants_affine(affine_file)
@@ -115,7 +125,9 @@ def register_subject_to_template(
     for sequence, img in subject.items():
         if sequence not in template:
             continue
-        moved = ants.apply_transforms(fixed, to_ants(img).clone("float"), transformlist=files, interpolator="linear")
+        moved = ants.apply_transforms(
+            fixed, to_ants(img).clone("float"), transformlist=files, interpolator="linear"
+        )
         warped[sequence] = from_ants(moved, like=template[sequence])
     return warped, files, affine, displacement
 
@@ -127,16 +139,26 @@ def _mean(images: Sequence[nib.Nifti1Image], like: nib.Nifti1Image) -> nib.Nifti
     return out
 
 
-def _shape_update(template: Mapping[str, nib.Nifti1Image], mean_affine: np.ndarray,
-                  mean_displacement: np.ndarray | None, gradient_step: float, workdir: Path) -> dict[str, nib.Nifti1Image]:
+def _shape_update(
+    template: Mapping[str, nib.Nifti1Image],
+    mean_affine: np.ndarray,
+    mean_displacement: np.ndarray | None,
+    gradient_step: float,
+    workdir: Path,
+) -> dict[str, nib.Nifti1Image]:
     # Resample the template at x' = mean_affine^-1 (x - step * mean_displacement): the subjects'
     # transforms then average to the identity.
     first = next(iter(template.values()))
     files = [str(write_ants_affine(np.linalg.inv(mean_affine), workdir / "inverse_mean_affine.mat"))]
     if mean_displacement is not None:
         reference = to_ants(first)
-        field = ants.from_numpy(-gradient_step * mean_displacement, origin=reference.origin,
-                                spacing=reference.spacing, direction=reference.direction, has_components=True)
+        field = ants.from_numpy(
+            -gradient_step * mean_displacement,
+            origin=reference.origin,
+            spacing=reference.spacing,
+            direction=reference.direction,
+            has_components=True,
+        )
         field_path = workdir / "mean_warp.nii.gz"
         ants.image_write(field, str(field_path))
         files = [str(field_path)] + files
@@ -186,7 +208,8 @@ def build_multivariate_template(
         raise ValueError(f"primary sequence {primary!r} is not available in every subject ({sequences})")
     grid = subjects[0][primary]
     template = {
-        s: _mean([resample_to_reference(subject[s], grid, None) for subject in subjects], grid) for s in sequences
+        s: _mean([resample_to_reference(subject[s], grid, None) for subject in subjects], grid)
+        for s in sequences
     }
     with tempfile.TemporaryDirectory(prefix="medsynth_template_") as workdir:
         bar = tqdm(total=iterations * len(subjects), desc="atlas", disable=not progress, leave=False)
@@ -194,8 +217,13 @@ def build_multivariate_template(
             warped_all, affines, displacements = [], [], []
             for index, subject in enumerate(subjects):
                 warped, _, affine, displacement = register_subject_to_template(
-                    template, {s: subject[s] for s in sequences}, primary, transform,
-                    registration_iterations, syn_iterations, seed,
+                    template,
+                    {s: subject[s] for s in sequences},
+                    primary,
+                    transform,
+                    registration_iterations,
+                    syn_iterations,
+                    seed,
                     out_prefix=Path(workdir) / f"it{iteration}_s{index}_",
                 )
                 warped_all.append(warped)
@@ -207,8 +235,12 @@ def build_multivariate_template(
             mean_affine = np.mean(affines, axis=0)
             mean_displacement = np.mean(displacements, axis=0) if displacements else None
             template = _shape_update(template, mean_affine, mean_displacement, gradient_step, Path(workdir))
-            logger.info("atlas iteration %d/%d: mean |affine - I| = %.4f", iteration + 1, iterations,
-                        float(np.abs(mean_affine - np.eye(4)).max()))
+            logger.info(
+                "atlas iteration %d/%d: mean |affine - I| = %.4f",
+                iteration + 1,
+                iterations,
+                float(np.abs(mean_affine - np.eye(4)).max()),
+            )
         bar.close()
     return template
 
@@ -235,26 +267,43 @@ def warp_atlas_to_patient(
         ``{sequence: atlas image on the patient grid}``, all warped with the same transforms.
     """
     primary = primary or choose_primary(list(atlas))
-    patient = dict(patient_reference) if isinstance(patient_reference, Mapping) else {primary: patient_reference}
+    patient = (
+        dict(patient_reference) if isinstance(patient_reference, Mapping) else {primary: patient_reference}
+    )
     if primary not in patient:
         raise ValueError(f"the patient lacks the atlas primary sequence {primary!r}")
     fixed = {s: patient[s] for s in atlas if s in patient}
     moving = dict(atlas)
     # Register atlas (moving) to the patient (fixed): the result lives on the patient grid.
     with tempfile.TemporaryDirectory(prefix="medsynth_atlas_warp_") as workdir:
-        _, files, _, _ = register_subject_to_template(fixed, {primary: moving[primary], **{
-            s: moving[s] for s in fixed if s != primary}}, primary, transform, registration_iterations,
-            syn_iterations, seed, out_prefix=Path(workdir) / "reg_")
+        _, files, _, _ = register_subject_to_template(
+            fixed,
+            {primary: moving[primary], **{s: moving[s] for s in fixed if s != primary}},
+            primary,
+            transform,
+            registration_iterations,
+            syn_iterations,
+            seed,
+            out_prefix=Path(workdir) / "reg_",
+        )
         grid = to_ants(patient[primary]).clone("float")
         out = {}
         for sequence, img in atlas.items():
-            moved = ants.apply_transforms(grid, to_ants(img).clone("float"), transformlist=files, interpolator="linear")
+            moved = ants.apply_transforms(
+                grid, to_ants(img).clone("float"), transformlist=files, interpolator="linear"
+            )
             out[sequence] = from_ants(moved, like=patient[primary])
     return out
 
 
-def save_atlas(atlas: Mapping[str, nib.Nifti1Image], folder: str | os.PathLike, prefix: str = "atlas_") -> dict[str, Path]:
+def save_atlas(
+    atlas: Mapping[str, nib.Nifti1Image], folder: str | os.PathLike, prefix: str = "atlas_"
+) -> dict[str, Path]:
     """Write ``<folder>/<prefix><sequence>.nii.gz`` atomically."""
     folder = Path(folder)
-    return {s: save_nifti(np.asanyarray(img.dataobj).astype(np.float32), img.affine, folder / f"{prefix}{s}.nii.gz")
-            for s, img in atlas.items()}
+    return {
+        s: save_nifti(
+            np.asanyarray(img.dataobj).astype(np.float32), img.affine, folder / f"{prefix}{s}.nii.gz"
+        )
+        for s, img in atlas.items()
+    }

@@ -12,15 +12,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import ants
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from medsynth.errors import InputDataError
-from preprocessing.imageio import new_image_like, same_grid, to_ants
+from preprocessing.imageio import like_input, new_image_like, same_grid, to_ants, to_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,9 @@ def n4_correct(
     fit_mask = to_ants(new_image_like((region & (data > 0)).astype(np.float32), img))
     n_fit = int(fit_mask.numpy().sum())
     if n_fit < 100:
-        raise InputDataError(f"only {n_fit} positive voxels inside the mask: cannot fit a bias field", path=img.get_filename())
+        raise InputDataError(
+            f"only {n_fit} positive voxels inside the mask: cannot fit a bias field", path=img.get_filename()
+        )
     start = time.perf_counter()
     bias_ants = ants.n4_bias_field_correction(
         ants_img,
@@ -83,7 +87,9 @@ def n4_correct(
     )
     bias = bias_ants.numpy().astype(np.float64)
     if not np.all(np.isfinite(bias)) or np.any(bias <= 0):
-        raise InputDataError("N4 produced an invalid bias field (check the mask and intensities)", path=img.get_filename())
+        raise InputDataError(
+            "N4 produced an invalid bias field (check the mask and intensities)", path=img.get_filename()
+        )
     # N4 leaves the field's scale arbitrary; unit geometric mean over the fit region keeps the
     # corrected intensities on the input's scale.
     inside = fit_mask.numpy() > 0
@@ -99,7 +105,8 @@ def n4_correct(
 
 
 class N4BiasCorrection(Transform):
-    """Array-level transform ``(img, mask) -> corrected img`` (see :func:`n4_correct`)."""
+    """Array transform ``(img, mask) -> corrected img`` (see :func:`n4_correct`) on NIfTI images or
+    MONAI MetaTensors (the output has the input's type)."""
 
     def __init__(
         self,
@@ -115,8 +122,8 @@ class N4BiasCorrection(Transform):
             "spline_distance_mm": spline_distance_mm,
         }
 
-    def __call__(self, img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None) -> nib.Nifti1Image:
-        return n4_correct(img, mask, **self.kwargs)[0]
+    def __call__(self, img: nib.Nifti1Image | MetaTensor, mask: nib.Nifti1Image | MetaTensor | None = None):
+        return like_input(n4_correct(to_nifti(img), to_nifti(mask), **self.kwargs)[0], img)
 
 
 class N4BiasCorrectiond(MapTransform):
@@ -142,12 +149,12 @@ class N4BiasCorrectiond(MapTransform):
         self.bias_key_postfix = bias_key_postfix
         self.kwargs = N4BiasCorrection(**kwargs).kwargs
 
-    def __call__(self, data: Mapping[Hashable, nib.Nifti1Image]) -> dict[Hashable, nib.Nifti1Image]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        mask = d.get(self.mask_key) if self.mask_key is not None else None
+        mask = to_nifti(d.get(self.mask_key)) if self.mask_key is not None else None
         for key in self.key_iterator(d):
-            corrected, bias = n4_correct(d[key], mask, **self.kwargs)
-            d[key] = corrected
+            corrected, bias = n4_correct(to_nifti(d[key]), mask, **self.kwargs)
             if self.bias_key_postfix:
-                d[f"{key}{self.bias_key_postfix}"] = bias
+                d[f"{key}{self.bias_key_postfix}"] = like_input(bias, d[key])
+            d[key] = like_input(corrected, d[key])
         return d

@@ -23,21 +23,43 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="preprocess a cohort folder (one sub-folder per patient); resumable")
-    run.add_argument("--input", required=True, help="folder of patient folders (<seq>.nii.gz files and/or <seq>/ DICOM folders)")
+    run.add_argument(
+        "--input",
+        required=True,
+        help="folder of patient folders (<seq>.nii.gz files and/or <seq>/ DICOM folders)",
+    )
     run.add_argument("--output", required=True, help="output folder (manifest.csv, <pid>/, atlas/, qc/)")
     run.add_argument("--workers", type=int, default=1, help="Dask worker processes (1: run in this process)")
-    run.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    run.add_argument(
+        "--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of the splits and registrations (default 0)")
-    run.add_argument("--reference", default="aptw", help="reference sequence (default aptw; falls back to gd_t1w)")
-    run.add_argument("--transform", choices=("rigid", "affine"), default="rigid", help="co-registration model")
-    run.add_argument("--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=DEFAULT_SPLIT_FRACTIONS)
-    run.add_argument("--label-glob", action="append", default=None,
-                     help="pattern (relative to a patient folder) of the expert label; repeatable "
-                     "(default label.nii.gz, seg.nii.gz; the phantom's truth: truth/label.nii.gz)")
-    run.add_argument("--label-space", default=None, help="sequence whose world space the label is in (default: the reference)")
+    run.add_argument(
+        "--reference", default="aptw", help="reference sequence (default aptw; falls back to gd_t1w)"
+    )
+    run.add_argument(
+        "--transform", choices=("rigid", "affine"), default="rigid", help="co-registration model"
+    )
+    run.add_argument(
+        "--splits", type=float, nargs=3, metavar=("TRAIN", "VAL", "TEST"), default=DEFAULT_SPLIT_FRACTIONS
+    )
+    run.add_argument(
+        "--label-glob",
+        action="append",
+        default=None,
+        help="pattern (relative to a patient folder) of the expert label; repeatable "
+        "(default label.nii.gz, seg.nii.gz; the phantom's truth: truth/label.nii.gz)",
+    )
+    run.add_argument(
+        "--label-space",
+        default=None,
+        help="sequence whose world space the label is in (default: the reference)",
+    )
     run.add_argument("--atlas-transform", choices=("Rigid", "Affine", "SyN"), default="Affine")
     run.add_argument("--atlas-iterations", type=int, default=2)
-    run.add_argument("--exclude-lesion", action="store_true", help="mask the label's lesion out of the registration metric")
+    run.add_argument(
+        "--exclude-lesion", action="store_true", help="mask the label's lesion out of the registration metric"
+    )
     run.add_argument("--no-qc", action="store_true", help="skip the QC figures")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_run)
@@ -55,13 +77,25 @@ def _run(args: argparse.Namespace) -> int:
     from preprocessing.pipeline import PipelineConfig
     from preprocessing.runner import CohortConfig, run_cohort
 
-    pipeline = PipelineConfig(reference=args.reference, transform=args.transform, seed=args.seed,
-                              exclude_lesion=args.exclude_lesion, label_space=args.label_space)
+    pipeline = PipelineConfig(
+        reference=args.reference,
+        transform=args.transform,
+        seed=args.seed,
+        exclude_lesion=args.exclude_lesion,
+        label_space=args.label_space,
+    )
     if args.label_glob:
         pipeline.label_globs = tuple(args.label_glob)
-    config = CohortConfig(pipeline=pipeline, split_fractions=tuple(args.splits), workers=args.workers,
-                          scheduler=args.scheduler, atlas_transform=args.atlas_transform,
-                          atlas_iterations=args.atlas_iterations, qc=not args.no_qc, progress=not args.no_progress)
+    config = CohortConfig(
+        pipeline=pipeline,
+        split_fractions=tuple(args.splits),
+        workers=args.workers,
+        scheduler=args.scheduler,
+        atlas_transform=args.atlas_transform,
+        atlas_iterations=args.atlas_iterations,
+        qc=not args.no_qc,
+        progress=not args.no_progress,
+    )
     result = run_cohort(args.input, args.output, config)
     print(f"manifest: {result.manifest}\ntimings: {result.timings}\nQC: {result.qc_page}")
     print(f"{len(result.patients)} patient(s) done, {len(result.failures)} failed")
@@ -73,7 +107,9 @@ def _run(args: argparse.Namespace) -> int:
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from preprocessing.dicom import convert_series
 
-    written = convert_series(args.input, args.output, series_number=args.series_number, overwrite=args.overwrite)
+    written = convert_series(
+        args.input, args.output, series_number=args.series_number, overwrite=args.overwrite
+    )
     for path in written:
         print(path)
     return 0

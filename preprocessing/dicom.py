@@ -35,12 +35,19 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from medsynth.errors import InputDataError
+from medsynth.utils.geometry import RAS_TO_LPS
 from medsynth.utils.io import atomic_path, save_json
-from preprocessing.imageio import RAS_TO_LPS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SIDECAR_FIELDS", "SLICE_SPACING_MODES", "SeriesInfo", "convert_series", "list_series", "read_dicom_series"]
+__all__ = [
+    "SIDECAR_FIELDS",
+    "SLICE_SPACING_MODES",
+    "SeriesInfo",
+    "convert_series",
+    "list_series",
+    "read_dicom_series",
+]
 
 _GZIP_MAGIC = b"\x1f\x8b"
 # Relative tolerances of slice-geometry checks (scanner positions are rounded to ~1e-4 mm).
@@ -128,7 +135,11 @@ def _scan(folder: Path, stop_before_pixels: bool) -> dict[tuple, list[_Slice]]:
     n_skipped = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         dataset = _read_dataset(path, stop_before_pixels)
-        if dataset is None or "ImagePositionPatient" not in dataset and "PerFrameFunctionalGroupsSequence" not in dataset:
+        if (
+            dataset is None
+            or "ImagePositionPatient" not in dataset
+            and "PerFrameFunctionalGroupsSequence" not in dataset
+        ):
             n_skipped += 1
             continue
         number = dataset.get("SeriesNumber")
@@ -172,7 +183,8 @@ def _select(
     available = "; ".join(str(_info(s)) for s in groups.values())
     if not candidates:
         raise InputDataError(
-            f"no series matches number={series_number} description={series_description!r}; available: {available}",
+            f"no series matches number={series_number} description={series_description!r}; available: "
+            f"{available}",
             path=folder,
         )
     raise InputDataError(
@@ -197,7 +209,9 @@ def _geometry(slices: list[_Slice], folder: Path, slice_spacing: str) -> tuple[l
         raise ValueError(f"slice_spacing must be one of {SLICE_SPACING_MODES}, got {slice_spacing!r}")
     first = slices[0]
     if "PerFrameFunctionalGroupsSequence" in first.dataset:
-        raise InputDataError("enhanced (multi-frame) DICOM is not supported; export classic DICOM", path=first.path)
+        raise InputDataError(
+            "enhanced (multi-frame) DICOM is not supported; export classic DICOM", path=first.path
+        )
     orientation = _float_list(first.dataset.ImageOrientationPatient, 6, "ImageOrientationPatient", first.path)
     spacing = _float_list(first.dataset.PixelSpacing, 2, "PixelSpacing", first.path)
     shape = (int(first.dataset.Rows), int(first.dataset.Columns))
@@ -205,14 +219,18 @@ def _geometry(slices: list[_Slice], folder: Path, slice_spacing: str) -> tuple[l
         other = _float_list(item.dataset.ImageOrientationPatient, 6, "ImageOrientationPatient", item.path)
         if not np.allclose(other, orientation, atol=1e-4):
             raise InputDataError(
-                f"inconsistent orientation in the series: {other.tolist()} vs {orientation.tolist()}", path=item.path
+                f"inconsistent orientation in the series: {other.tolist()} vs {orientation.tolist()}",
+                path=item.path,
             )
         if (int(item.dataset.Rows), int(item.dataset.Columns)) != shape:
             raise InputDataError(
-                f"inconsistent matrix size {item.dataset.Rows}x{item.dataset.Columns} vs {shape[0]}x{shape[1]}",
+                f"inconsistent matrix size {item.dataset.Rows}x{item.dataset.Columns} vs "
+                f"{shape[0]}x{shape[1]}",
                 path=item.path,
             )
-        if not np.allclose(_float_list(item.dataset.PixelSpacing, 2, "PixelSpacing", item.path), spacing, atol=1e-4):
+        if not np.allclose(
+            _float_list(item.dataset.PixelSpacing, 2, "PixelSpacing", item.path), spacing, atol=1e-4
+        ):
             raise InputDataError("inconsistent PixelSpacing in the series", path=item.path)
 
     row_cosine, col_cosine = orientation[:3], orientation[3:]
@@ -275,7 +293,9 @@ def _geometry(slices: list[_Slice], folder: Path, slice_spacing: str) -> tuple[l
             origin, slice_vector = positions[0], positions[1] - positions[0]
     else:
         origin = positions[0]
-        thickness = float(first.dataset.get("SpacingBetweenSlices", first.dataset.get("SliceThickness", 1.0)) or 1.0)
+        thickness = float(
+            first.dataset.get("SpacingBetweenSlices", first.dataset.get("SliceThickness", 1.0)) or 1.0
+        )
         slice_vector = normal * thickness
 
     affine_lps = np.eye(4)
@@ -298,7 +318,9 @@ def _pixels(slices: list[_Slice]) -> np.ndarray:
         slopes.append(float(item.dataset.get("RescaleSlope", 1.0) or 1.0))
         intercepts.append(float(item.dataset.get("RescaleIntercept", 0.0) or 0.0))
         if planes[-1].ndim != 2:
-            raise InputDataError(f"expected a single-frame 2D image, got shape {planes[-1].shape}", path=item.path)
+            raise InputDataError(
+                f"expected a single-frame 2D image, got shape {planes[-1].shape}", path=item.path
+            )
     stack = np.stack(planes, axis=-1)  # (rows, columns, slices)
     slopes_arr, intercepts_arr = np.asarray(slopes), np.asarray(intercepts)
     if np.all(slopes_arr == 1.0) and np.all(intercepts_arr == 0.0):
@@ -444,4 +466,3 @@ def convert_series(
             save_json(sidecar, json_path)
         written += [nifti_path, json_path]
     return written
-

@@ -1,15 +1,12 @@
-"""Image input/output and exact geometry conversion between nibabel, ANTsPy and SimpleITK.
+"""Image input/output and exact geometry conversion between nibabel, ANTsPy, SimpleITK and MONAI.
 
-The in-memory exchange type of every preprocessing step is :class:`nibabel.Nifti1Image`. ANTs and
+The in-memory exchange type of every preprocessing step is :class:`nibabel.Nifti1Image`; the
+preprocessing transforms also take MONAI ``MetaTensor`` volumes (:func:`to_nifti`, :func:`like_input`),
+so they join MONAI transform chains after ``LoadImaged``. ANTs and
 SimpleITK are used as computation back ends, so conversions must preserve geometry exactly:
 
-* nibabel stores a 4x4 affine mapping voxel indices ``(i, j, k)`` to world **RAS+** millimetres;
-* ITK (and therefore ANTs and SimpleITK) stores ``origin``, ``spacing`` and a direction matrix whose
-  columns are the unit axis vectors, all in world **LPS+** millimetres.
-
-With ``F = diag(-1, -1, 1)`` and the affine ``[[M, t], [0, 1]]``: ``spacing_c = |M[:, c]|``,
-``direction = F @ M / spacing`` and ``origin = F @ t``. The same voxel index order ``(i, j, k)`` is
-used by nibabel and ANTs arrays; SimpleITK arrays are ``(k, j, i)``.
+nibabel affines are RAS, ITK geometry is LPS; the conversion is :mod:`medsynth.utils.geometry`. The
+same voxel index order ``(i, j, k)`` is used by nibabel and ANTs arrays; SimpleITK arrays are ``(k, j, i)``.
 """
 
 from __future__ import annotations
@@ -22,58 +19,31 @@ import ants
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+import torch
+from monai.data import MetaTensor
 
 from medsynth.errors import InputDataError
+from medsynth.utils.geometry import AFFINE_ATOL_MM, affine_to_itk, itk_to_affine, same_grid_geometry
+from preprocessing.dicom import read_dicom_series
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "RAS_TO_LPS",
-    "affine_to_itk",
     "from_ants",
     "from_sitk",
-    "itk_to_affine",
     "load_image",
     "new_image_like",
+    "like_input",
     "same_grid",
     "to_ants",
+    "to_nifti",
     "to_sitk",
 ]
-
-RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 # Pixel types ANTsPy stores natively; anything else is converted to float32 (ANTs would otherwise
 # silently cast int16 to uint32 and wrap negative values).
 _ANTS_NATIVE = (np.uint8, np.uint32, np.float32, np.float64)
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
-
-
-def affine_to_itk(affine: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...], np.ndarray]:
-    """Split a nibabel RAS affine into ITK ``(origin, spacing, direction)`` in LPS.
-
-    Args:
-        affine: 4x4 voxel-to-RAS matrix.
-
-    Returns:
-        ``origin`` (3,), ``spacing`` (3,), ``direction`` (3, 3) with unit columns.
-    """
-    affine = np.asarray(affine, dtype=np.float64)
-    linear = affine[:3, :3]
-    spacing = np.linalg.norm(linear, axis=0)
-    if np.any(spacing <= 0):
-        raise ValueError(f"degenerate affine (zero-length axis):\n{affine}")
-    direction = RAS_TO_LPS @ linear / spacing
-    origin = RAS_TO_LPS @ affine[:3, 3]
-    return tuple(float(v) for v in origin), tuple(float(v) for v in spacing), direction
-
-
-def itk_to_affine(origin, spacing, direction) -> np.ndarray:
-    """Compose ITK LPS ``origin``, ``spacing`` and ``direction`` into a nibabel RAS affine."""
-    direction = np.asarray(direction, dtype=np.float64).reshape(3, 3)
-    affine = np.eye(4)
-    affine[:3, :3] = RAS_TO_LPS @ direction * np.asarray(spacing, dtype=np.float64)
-    affine[:3, 3] = RAS_TO_LPS @ np.asarray(origin, dtype=np.float64)
-    return affine
 
 
 def _spatial_data(img: nib.Nifti1Image) -> np.ndarray:
@@ -102,8 +72,6 @@ def load_image(path: str | os.PathLike, **dicom_kwargs) -> nib.Nifti1Image:
     """
     path = Path(path)
     if path.is_dir():
-        from preprocessing.dicom import read_dicom_series
-
         image, _ = read_dicom_series(path, **dicom_kwargs)
         return image
     if not path.exists():
@@ -196,14 +164,7 @@ def from_sitk(sitk_img: sitk.Image, like: nib.Nifti1Image | None = None) -> nib.
     return _finish(np.ascontiguousarray(data), affine, like)
 
 
-def same_grid_geometry(shape_a, affine_a, shape_b, affine_b, atol: float = 1e-3) -> bool:
-    """Whether two (shape, affine) pairs describe the same voxel grid within ``atol`` mm."""
-    if tuple(shape_a[:3]) != tuple(shape_b[:3]):
-        return False
-    return bool(np.allclose(np.asarray(affine_a, float), np.asarray(affine_b, float), atol=atol, rtol=0))
-
-
-def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image, atol: float = 1e-3) -> bool:
+def same_grid(a: nib.Nifti1Image, b: nib.Nifti1Image, atol: float = AFFINE_ATOL_MM) -> bool:
     """Whether images ``a`` and ``b`` share the same 3D shape and affine (within ``atol`` mm)."""
     return same_grid_geometry(a.shape, a.affine, b.shape, b.affine, atol=atol)
 
@@ -214,3 +175,38 @@ def new_image_like(data: np.ndarray, like: nib.Nifti1Image) -> nib.Nifti1Image:
     if data.shape[:3] != like.shape[:3]:
         raise ValueError(f"data shape {data.shape} does not match the template grid {like.shape[:3]}")
     return _finish(data, like.affine, like)
+
+
+def to_nifti(image: nib.Nifti1Image | MetaTensor | None) -> nib.Nifti1Image | None:
+    """The preprocessing's working type from either of the types a transform chain carries.
+
+    A NIfTI image is returned as it is; a MONAI ``MetaTensor`` as ``LoadImage(ensure_channel_first=True)``
+    makes it (one channel, RAS ``affine`` in its metadata) becomes a 3D NIfTI image on the same grid,
+    named after its source file so that error messages can cite it. ``None`` stays ``None``.
+    """
+    if image is None or isinstance(image, nib.Nifti1Image):
+        return image
+    if not isinstance(image, MetaTensor):
+        raise TypeError(f"expected a nibabel image or a MONAI MetaTensor, got {type(image).__name__}")
+    data = image.detach().cpu().numpy()
+    if data.ndim == 4:
+        if data.shape[0] != 1:
+            raise ValueError(f"expected a single-channel volume (1, H, W, D), got shape {tuple(data.shape)}")
+        data = data[0]
+    converted = nib.Nifti1Image(np.ascontiguousarray(data), np.asarray(image.affine, dtype=np.float64))
+    source = image.meta.get("filename_or_obj")
+    if isinstance(source, (str, os.PathLike)) and str(source):
+        converted.set_filename(str(source))
+    return converted
+
+
+def like_input(
+    result: nib.Nifti1Image, original: nib.Nifti1Image | MetaTensor
+) -> nib.Nifti1Image | MetaTensor:
+    """``result`` in the type of ``original``: a NIfTI image, or a channel-first ``MetaTensor`` that
+    keeps ``original``'s metadata with ``result``'s affine (the grid may have changed)."""
+    if not isinstance(original, MetaTensor):
+        return result
+    converted = MetaTensor(torch.as_tensor(np.asanyarray(result.dataobj))[None], meta=dict(original.meta))
+    converted.affine = torch.as_tensor(result.affine, dtype=torch.float64)
+    return converted

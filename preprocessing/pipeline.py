@@ -23,7 +23,6 @@ anatomical sequence so that thin slices, not the 4.4 mm APTw slab, decide the br
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -41,8 +40,10 @@ from monai.transforms import MapTransform
 
 from medsynth.constants import CLINICAL_SEQUENCES, LESION_LABELS, canonical_sequence
 from medsynth.errors import InputDataError
+from medsynth.utils.hashing import file_digest, json_digest
 from medsynth.utils.io import save_json, save_nifti
-from preprocessing.imageio import load_image, new_image_like
+from medsynth.utils.labels import label_map_problem
+from preprocessing.imageio import like_input, load_image, new_image_like, to_nifti
 from preprocessing.registration import (
     load_transform,
     register_to_reference,
@@ -64,7 +65,6 @@ __all__ = [
     "choose_skull_strip_sequence",
     "coregister_exam",
     "discover_exam",
-    "file_digest",
     "final_paths",
     "ingest_exam",
     "preprocess_patient",
@@ -207,7 +207,8 @@ def discover_exam(folder: str | os.PathLike, label_globs: Sequence[str] = Pipeli
         logger.debug("%s: ignored %s", patient_id, ignored)
     if not sequences:
         raise InputDataError(
-            "no sequence found (expected <seq>.nii.gz files or <seq>/ DICOM folders, e.g. t1c.nii.gz, flair/)",
+            "no sequence found (expected <seq>.nii.gz files or <seq>/ DICOM folders, e.g. t1c.nii.gz, "
+            "flair/)",
             path=folder,
             patient_id=patient_id,
         )
@@ -249,24 +250,6 @@ def choose_hub(sequences: Sequence[str], reference: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Resumable steps
 # ---------------------------------------------------------------------------------------------
-def file_digest(path: str | os.PathLike) -> str:
-    """SHA-1 of a file's bytes, or of every file (name and bytes) in a folder."""
-    path = Path(path)
-    digest = hashlib.sha1()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for item in files:
-        digest.update(str(item.relative_to(path) if path.is_dir() else "").encode())
-        with open(item, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _fingerprint(inputs: Mapping[str, str], params: Mapping[str, Any]) -> str:
-    text = json.dumps({"inputs": dict(sorted(inputs.items())), "params": params}, sort_keys=True, default=str)
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
 def run_step(
     step_dir: str | os.PathLike,
     name: str,
@@ -288,7 +271,7 @@ def run_step(
     step_dir = Path(step_dir)
     marker = step_dir / STEP_MARKER
     input_hashes = {key: file_digest(value) for key, value in inputs.items()}
-    fingerprint = _fingerprint(input_hashes, params)
+    fingerprint = json_digest({"inputs": dict(sorted(input_hashes.items())), "params": params})
     if not force and marker.is_file():
         try:
             record = json.loads(marker.read_text())
@@ -297,7 +280,13 @@ def run_step(
         outputs = {k: step_dir / v for k, v in record.get("outputs", {}).items()}
         if record.get("fingerprint") == fingerprint and all(p.exists() for p in outputs.values()):
             logger.debug("%s: up to date, skipped", step_dir)
-            return StepRecord(name, float(record.get("seconds", 0.0)), True, record.get("outputs", {}), record.get("info", {}))
+            return StepRecord(
+                name,
+                float(record.get("seconds", 0.0)),
+                True,
+                record.get("outputs", {}),
+                record.get("info", {}),
+            )
     marker.unlink(missing_ok=True)  # an interrupted rerun must not look finished
     step_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -328,7 +317,9 @@ def run_step(
 def _check_image(img: nib.Nifti1Image, path: Path, patient_id: str) -> None:
     data = np.asanyarray(img.dataobj)
     if data.ndim != 3 or min(data.shape) < 2:
-        raise InputDataError(f"expected a 3D volume, got shape {data.shape}", path=path, patient_id=patient_id)
+        raise InputDataError(
+            f"expected a 3D volume, got shape {data.shape}", path=path, patient_id=patient_id
+        )
     if not np.all(np.isfinite(data)):
         raise InputDataError("contains NaN/inf voxels", path=path, patient_id=patient_id)
     if float(np.ptp(data)) == 0.0:
@@ -369,7 +360,9 @@ def coregister_exam(
     metrics: dict[str, float] = {}
     out = None if out_dir is None else Path(out_dir)
     if hub != reference:
-        result = register_to_reference(images[hub], images[reference], exclude_mask=exclude_mask, **registration_kwargs)
+        result = register_to_reference(
+            images[hub], images[reference], exclude_mask=exclude_mask, **registration_kwargs
+        )
         matrices[hub], metrics[hub] = result.matrix, result.metric
     for sequence, img in images.items():
         if sequence in (reference, hub):
@@ -381,15 +374,24 @@ def coregister_exam(
     if out is not None:
         for sequence, matrix in matrices.items():
             via = [] if sequence == reference else ([hub] if sequence != hub else [])
-            save_transform(matrix, out / f"{sequence}_to_{reference}", reference=reference, via=via,
-                           metric=metrics.get(sequence))
+            save_transform(
+                matrix,
+                out / f"{sequence}_to_{reference}",
+                reference=reference,
+                via=via,
+                metric=metrics.get(sequence),
+            )
     return matrices, metrics
 
 
 def _binary_on_reference(mask: nib.Nifti1Image, reference: nib.Nifti1Image, matrix: np.ndarray) -> np.ndarray:
     # Linear interpolation of the 0/1 mask then 0.5: a smooth boundary on thick reference slices.
-    soft = resample_to_reference(new_image_like(np.asanyarray(mask.dataobj).astype(np.float32), mask), reference,
-                                 matrix, interpolation="linear")
+    soft = resample_to_reference(
+        new_image_like(np.asanyarray(mask.dataobj).astype(np.float32), mask),
+        reference,
+        matrix,
+        interpolation="linear",
+    )
     return (np.asanyarray(soft.dataobj) >= 0.5).astype(np.uint8)
 
 
@@ -400,8 +402,9 @@ def work_dir(out_dir: str | os.PathLike, patient_id: str) -> Path:
     return Path(out_dir) / patient_id / "work"
 
 
-def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLike,
-                       config: PipelineConfig | None = None) -> dict[str, Any]:
+def preprocess_patient(
+    exam: Exam | str | os.PathLike, out_dir: str | os.PathLike, config: PipelineConfig | None = None
+) -> dict[str, Any]:
     """Steps 1-5 for one patient (everything that does not need the cohort).
 
     Returns:
@@ -424,15 +427,22 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
         images = ingest_exam(exam)
         outputs = {}
         for sequence, img in images.items():
-            outputs[sequence] = save_nifti(np.asanyarray(img.dataobj), img.affine, step_dir / f"{sequence}.nii.gz")
+            outputs[sequence] = save_nifti(
+                np.asanyarray(img.dataobj), img.affine, step_dir / f"{sequence}.nii.gz"
+            )
         if exam.label is not None:
             label = load_image(exam.label)
             data = np.asanyarray(label.dataobj)
-            if not np.all(np.isfinite(data)) or not np.all(data == np.round(data)) or data.min() < 0 or data.max() > 255:
-                raise InputDataError("label must hold integer values in 0..255", path=exam.label, patient_id=pid)
+            problem = label_map_problem(data, allowed=range(256))
+            if problem is not None:
+                raise InputDataError(f"label map {problem}", path=exam.label, patient_id=pid)
             outputs["label"] = save_nifti(data.astype(np.uint8), label.affine, step_dir / "label.nii.gz")
-        info = {"sequences": list(images), "voxel_mm": {s: [round(float(z), 4) for z in im.header.get_zooms()[:3]]
-                                                         for s, im in images.items()}}
+        info = {
+            "sequences": list(images),
+            "voxel_mm": {
+                s: [round(float(z), 4) for z in im.header.get_zooms()[:3]] for s, im in images.items()
+            },
+        }
         return outputs, info
 
     rec = run_step(work / "ingest", "ingest", ingest_inputs, {"label": exam.label is not None}, _ingest)
@@ -448,15 +458,27 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
     def _strip(step_dir: Path):
         from preprocessing.skull_strip import extract_brain
 
-        mask = extract_brain(images[strip_seq], method=config.skull_strip_method,
-                             resample_mm=config.skull_strip_resample_mm)
-        path = save_nifti(np.asanyarray(mask.dataobj).astype(np.uint8), images[strip_seq].affine,
-                          step_dir / f"brain_mask_{strip_seq}.nii.gz")
+        mask = extract_brain(
+            images[strip_seq], method=config.skull_strip_method, resample_mm=config.skull_strip_resample_mm
+        )
+        path = save_nifti(
+            np.asanyarray(mask.dataobj).astype(np.uint8),
+            images[strip_seq].affine,
+            step_dir / f"brain_mask_{strip_seq}.nii.gz",
+        )
         return {"brain_mask": path}, {"sequence": strip_seq, "voxels": int(np.asanyarray(mask.dataobj).sum())}
 
-    rec = run_step(work / "skullstrip", "skullstrip", {strip_seq: seq_paths[strip_seq]},
-                   {"method": config.skull_strip_method, "resample_mm": config.skull_strip_resample_mm,
-                    "sequence": strip_seq}, _strip)
+    rec = run_step(
+        work / "skullstrip",
+        "skullstrip",
+        {strip_seq: seq_paths[strip_seq]},
+        {
+            "method": config.skull_strip_method,
+            "resample_mm": config.skull_strip_resample_mm,
+            "sequence": strip_seq,
+        },
+        _strip,
+    )
     records.append(rec)
     native_mask_path = work / "skullstrip" / rec.outputs["brain_mask"]
 
@@ -469,8 +491,9 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
         if use_exclude:
             label = np.asanyarray(nib.load(str(ingested["label"])).dataobj)
             exclude = new_image_like(np.isin(label, LESION_LABELS).astype(np.uint8), images[reference])
-        matrices, metrics = coregister_exam(images, reference, hub, exclude_mask=exclude, out_dir=step_dir,
-                                            **config.registration_kwargs())
+        matrices, metrics = coregister_exam(
+            images, reference, hub, exclude_mask=exclude, out_dir=step_dir, **config.registration_kwargs()
+        )
         outputs = {s: step_dir / f"{s}_to_{reference}.json" for s in matrices}
         outputs.update({f"{s}_mat": step_dir / f"{s}_to_{reference}.mat" for s in matrices})
         return outputs, {"reference": reference, "hub": hub, "metrics": metrics}
@@ -478,9 +501,13 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
     reg_inputs = dict(seq_paths)
     if use_exclude:
         reg_inputs["label"] = ingested["label"]
-    rec = run_step(work / "register", "register", reg_inputs,
-                   {**config.registration_kwargs(), "reference": reference, "hub": hub, "exclude": use_exclude},
-                   _register)
+    rec = run_step(
+        work / "register",
+        "register",
+        reg_inputs,
+        {**config.registration_kwargs(), "reference": reference, "hub": hub, "exclude": use_exclude},
+        _register,
+    )
     records.append(rec)
     matrices = {s: load_transform(work / "register" / rec.outputs[s]) for s in images}
 
@@ -490,25 +517,40 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
         outputs = {}
         for sequence, img in images.items():
             moved = resample_to_reference(img, ref_img, matrices[sequence], interpolation="linear")
-            outputs[sequence] = save_nifti(np.asanyarray(moved.dataobj).astype(np.float32), ref_img.affine,
-                                           step_dir / f"{sequence}.nii.gz")
+            outputs[sequence] = save_nifti(
+                np.asanyarray(moved.dataobj).astype(np.float32),
+                ref_img.affine,
+                step_dir / f"{sequence}.nii.gz",
+            )
         mask = _binary_on_reference(nib.load(str(native_mask_path)), ref_img, matrices[strip_seq])
         if not mask.any():
-            raise InputDataError("brain mask is empty on the reference grid (registration failed?)",
-                                 path=native_mask_path, patient_id=pid)
+            raise InputDataError(
+                "brain mask is empty on the reference grid (registration failed?)",
+                path=native_mask_path,
+                patient_id=pid,
+            )
         outputs["brain_mask"] = save_nifti(mask, ref_img.affine, step_dir / "brain_mask.nii.gz")
         if "label" in ingested:
             label = nib.load(str(ingested["label"]))
             if label_space not in matrices:
-                raise InputDataError(f"label space {label_space} is not a sequence of this exam",
-                                     path=exam.label, patient_id=pid)
-            moved = resample_to_reference(label, ref_img, matrices[label_space], interpolation="nearestNeighbor")
-            outputs["label"] = save_nifti(np.asanyarray(moved.dataobj).astype(np.uint8), ref_img.affine,
-                                          step_dir / "label.nii.gz")
+                raise InputDataError(
+                    f"label space {label_space} is not a sequence of this exam",
+                    path=exam.label,
+                    patient_id=pid,
+                )
+            moved = resample_to_reference(
+                label, ref_img, matrices[label_space], interpolation="nearestNeighbor"
+            )
+            outputs["label"] = save_nifti(
+                np.asanyarray(moved.dataobj).astype(np.uint8), ref_img.affine, step_dir / "label.nii.gz"
+            )
         return outputs, {}
 
-    res_inputs = {**seq_paths, "brain_mask_native": native_mask_path,
-                  **{f"tx_{s}": work / "register" / rec.outputs[s] for s in images}}
+    res_inputs = {
+        **seq_paths,
+        "brain_mask_native": native_mask_path,
+        **{f"tx_{s}": work / "register" / rec.outputs[s] for s in images},
+    }
     if "label" in ingested:
         res_inputs["label"] = ingested["label"]
     rec = run_step(work / "resample", "resample", res_inputs, {"label_space": label_space}, _resample)
@@ -524,19 +566,33 @@ def preprocess_patient(exam: Exam | str | os.PathLike, out_dir: str | os.PathLik
         for sequence in images:
             img = nib.load(str(resampled[sequence]))
             if sequence in QUANTITATIVE_SEQUENCES:
-                outputs[sequence] = save_nifti(np.asanyarray(img.dataobj), img.affine, step_dir / f"{sequence}.nii.gz")
+                outputs[sequence] = save_nifti(
+                    np.asanyarray(img.dataobj), img.affine, step_dir / f"{sequence}.nii.gz"
+                )
                 continue
-            corrected, bias = n4_correct(img, mask, shrink_factor=config.n4_shrink, iterations=config.n4_iterations)
-            outputs[sequence] = save_nifti(np.asanyarray(corrected.dataobj), img.affine, step_dir / f"{sequence}.nii.gz")
-            outputs[f"bias_{sequence}"] = save_nifti(np.asanyarray(bias.dataobj), img.affine,
-                                                     step_dir / f"bias_{sequence}.nii.gz")
+            corrected, bias = n4_correct(
+                img, mask, shrink_factor=config.n4_shrink, iterations=config.n4_iterations
+            )
+            outputs[sequence] = save_nifti(
+                np.asanyarray(corrected.dataobj), img.affine, step_dir / f"{sequence}.nii.gz"
+            )
+            outputs[f"bias_{sequence}"] = save_nifti(
+                np.asanyarray(bias.dataobj), img.affine, step_dir / f"bias_{sequence}.nii.gz"
+            )
             inside = np.asanyarray(mask.dataobj) > 0
-            info[sequence] = {"bias_min": float(np.asanyarray(bias.dataobj)[inside].min()),
-                              "bias_max": float(np.asanyarray(bias.dataobj)[inside].max())}
+            info[sequence] = {
+                "bias_min": float(np.asanyarray(bias.dataobj)[inside].min()),
+                "bias_max": float(np.asanyarray(bias.dataobj)[inside].max()),
+            }
         return outputs, info
 
-    rec = run_step(work / "n4", "n4", {**{s: resampled[s] for s in images}, "brain_mask": resampled["brain_mask"]},
-                   {"shrink": config.n4_shrink, "iterations": list(config.n4_iterations)}, _n4)
+    rec = run_step(
+        work / "n4",
+        "n4",
+        {**{s: resampled[s] for s in images}, "brain_mask": resampled["brain_mask"]},
+        {"shrink": config.n4_shrink, "iterations": list(config.n4_iterations)},
+        _n4,
+    )
     records.append(rec)
     corrected = {k: work / "n4" / v for k, v in rec.outputs.items()}
 
@@ -564,8 +620,9 @@ def final_paths(out_dir: str | os.PathLike, patient_id: str, sequences: Sequence
     return paths
 
 
-def standardize_patient(summary: Mapping[str, Any], out_dir: str | os.PathLike, landmarks_path: str | os.PathLike
-                        ) -> dict[str, Any]:
+def standardize_patient(
+    summary: Mapping[str, Any], out_dir: str | os.PathLike, landmarks_path: str | os.PathLike
+) -> dict[str, Any]:
     """Step 6: Nyúl-standardize the N4 outputs inside the mask and write the final files."""
     from preprocessing.standardize import NyulLandmarks
 
@@ -585,36 +642,53 @@ def standardize_patient(summary: Mapping[str, Any], out_dir: str | os.PathLike, 
                 data = np.asanyarray(landmarks[sequence].transform(img, mask_img).dataobj)
             else:
                 data = np.asanyarray(img.dataobj)
-            outputs[sequence] = save_nifti(np.where(inside, data, 0).astype(np.float32), mask_img.affine,
-                                           final[sequence])
+            outputs[sequence] = save_nifti(
+                np.where(inside, data, 0).astype(np.float32), mask_img.affine, final[sequence]
+            )
         outputs["brain_mask"] = save_nifti(inside.astype(np.uint8), mask_img.affine, final["brain_mask"])
         if summary.get("label"):
             label = nib.load(summary["label"])
-            outputs["label"] = save_nifti(np.asanyarray(label.dataobj).astype(np.uint8), label.affine, final["label"])
+            outputs["label"] = save_nifti(
+                np.asanyarray(label.dataobj).astype(np.uint8), label.affine, final["label"]
+            )
         return outputs, {}
 
-    inputs = {**{s: summary["n4"][s] for s in sequences}, "brain_mask": summary["brain_mask"], "landmarks": landmarks_path}
+    inputs = {
+        **{s: summary["n4"][s] for s in sequences},
+        "brain_mask": summary["brain_mask"],
+        "landmarks": landmarks_path,
+    }
     if summary.get("label"):
         inputs["label"] = summary["label"]
     rec = run_step(work_dir(out_dir, pid) / "standardize", "standardize", inputs, {}, _standardize)
     step_dir = work_dir(out_dir, pid) / "standardize"
-    return {"patient_id": pid, "outputs": {k: str((step_dir / v).resolve()) for k, v in rec.outputs.items()},
-            "step": asdict(rec)}
+    return {
+        "patient_id": pid,
+        "outputs": {k: str((step_dir / v).resolve()) for k, v in rec.outputs.items()},
+        "step": asdict(rec),
+    }
 
 
 class CoRegisterd(MapTransform):
     """Dictionary transform: register every key to ``reference_key`` and resample it on its grid.
 
     Args:
-        keys: image keys (``nib.Nifti1Image`` values) to align.
+        keys: image keys (NIfTI images or MONAI MetaTensors) to align.
         reference_key: key of the fixed image (left unchanged).
         transform: ``rigid`` or ``affine``.
         matrix_key_postfix: the fixed-to-moving 4x4 RAS matrix is stored under ``<key>_<postfix>``.
         registration_kwargs: forwarded to :func:`~preprocessing.registration.register_to_reference`.
     """
 
-    def __init__(self, keys: KeysCollection, reference_key: str, transform: str = "rigid",
-                 matrix_key_postfix: str = "to_reference", allow_missing_keys: bool = False, **registration_kwargs):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reference_key: str,
+        transform: str = "rigid",
+        matrix_key_postfix: str = "to_reference",
+        allow_missing_keys: bool = False,
+        **registration_kwargs,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.reference_key = reference_key
         self.transform = transform
@@ -623,11 +697,11 @@ class CoRegisterd(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
-        fixed = d[self.reference_key]
+        fixed = to_nifti(d[self.reference_key])
         for key in self.key_iterator(d):
             if key == self.reference_key:
                 continue
-            result = register_to_reference(d[key], fixed, transform=self.transform, **self.kwargs)
-            d[key] = result.warped
+            result = register_to_reference(to_nifti(d[key]), fixed, transform=self.transform, **self.kwargs)
+            d[key] = like_input(result.warped, d[key])
             d[f"{key}_{self.postfix}"] = result.matrix
         return d

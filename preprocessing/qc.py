@@ -36,8 +36,9 @@ def best_slice(mask: np.ndarray) -> int:
     return int(np.argmax(counts))
 
 
-def patient_montage(work: str | os.PathLike, summary: Mapping[str, Any], final: Mapping[str, str],
-                    path: str | os.PathLike) -> Path:
+def patient_montage(
+    work: str | os.PathLike, summary: Mapping[str, Any], final: Mapping[str, str], path: str | os.PathLike
+) -> Path:
     """One row per sequence: header-only alignment (before), registered (after), N4 bias, final.
 
     The red outline in every panel is the brain mask on the reference grid: before registration
@@ -62,7 +63,12 @@ def patient_montage(work: str | os.PathLike, summary: Mapping[str, Any], final: 
         rows,
         path,
         row_titles=titles,
-        col_titles=["scanner coordinates", f"registered to {summary['reference']}", "N4 bias field", "final (Nyul; APTw unchanged)"],
+        col_titles=[
+            "scanner coordinates",
+            f"registered to {summary['reference']}",
+            "N4 bias field",
+            "final (Nyul; APTw unchanged)",
+        ],
         cmaps=["gray", "gray", "magma", "gray"],
         vranges=None,
         contours=contours,
@@ -72,7 +78,9 @@ def patient_montage(work: str | os.PathLike, summary: Mapping[str, Any], final: 
     )
 
 
-def intensity_histograms(summary: Mapping[str, Any], final: Mapping[str, str], path: str | os.PathLike) -> Path:
+def intensity_histograms(
+    summary: Mapping[str, Any], final: Mapping[str, str], path: str | os.PathLike
+) -> Path:
     """Brain-mask intensity histograms per sequence: after N4 (left) and after Nyúl (right)."""
     mask = _data(summary["brain_mask"]) > 0
     sequences = [s for s in summary["sequences"] if s in final]
@@ -80,8 +88,12 @@ def intensity_histograms(summary: Mapping[str, Any], final: Mapping[str, str], p
     try:
         for row, sequence in enumerate(sequences):
             quantitative = not Path(summary["n4"][sequence]).with_name(f"bias_{sequence}.nii.gz").exists()
-            names = ("as acquired", "final (not standardized)") if quantitative else ("after N4", "standardized")
-            for col, (source, name) in enumerate(((summary["n4"][sequence], names[0]), (final[sequence], names[1]))):
+            names = (
+                ("as acquired", "final (not standardized)") if quantitative else ("after N4", "standardized")
+            )
+            for col, (source, name) in enumerate(
+                ((summary["n4"][sequence], names[0]), (final[sequence], names[1]))
+            ):
                 values = _data(source)[mask]
                 axis = axes[row][col]
                 low, high = np.percentile(values, [0.5, 99.5])
@@ -98,8 +110,13 @@ def intensity_histograms(summary: Mapping[str, Any], final: Mapping[str, str], p
     return Path(path)
 
 
-def cohort_page(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], failures: Mapping[str, str],
-                timings: Sequence[Mapping[str, Any]], path: str | os.PathLike | None = None) -> Path:
+def cohort_page(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    failures: Mapping[str, str],
+    timings: Sequence[Mapping[str, Any]],
+    path: str | os.PathLike | None = None,
+) -> Path:
     """Write ``OUT/qc/index.html``: per-patient figures, per-step timings and the failures."""
     out_dir = Path(out_dir)
     path = Path(path) if path is not None else out_dir / "qc" / "index.html"
@@ -108,18 +125,34 @@ def cohort_page(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], f
     for t in timings:
         cell = f"{t['seconds']:.1f}" + (" (skip)" if t.get("skipped") else "")
         by_patient.setdefault(t["patient_id"], {})[t["step"]] = cell
-    style = ("body{font-family:sans-serif;margin:1em}td,th{border:1px solid #ccc;padding:2px 6px}"
-             "table{border-collapse:collapse}img{max-width:100%}")
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>medsynth preprocessing QC</title>",
-             f"<style>{style}</style></head><body>",
-             "<h1>Preprocessing QC</h1>", f"<p>{len(rows)} patient(s) processed, {len(failures)} failed.</p>"]
+    style = (
+        "body{font-family:sans-serif;margin:1em}td,th{border:1px solid #ccc;padding:2px 6px}"
+        "table{border-collapse:collapse}img{max-width:100%}"
+    )
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>medsynth preprocessing QC</title>",
+        f"<style>{style}</style></head><body>",
+        "<h1>Preprocessing QC</h1>",
+        f"<p>{len(rows)} patient(s) processed, {len(failures)} failed.</p>",
+    ]
     if failures:
         parts.append("<h2>Failures</h2><ul>")
-        parts += [f"<li><b>{html.escape(pid)}</b>: <pre>{html.escape(msg)}</pre></li>" for pid, msg in sorted(failures.items())]
+        parts += [
+            f"<li><b>{html.escape(pid)}</b>: <pre>{html.escape(msg)}</pre></li>"
+            for pid, msg in sorted(failures.items())
+        ]
         parts.append("</ul>")
-    parts.append("<h2>Per-step times (s)</h2><table><tr><th>patient</th>" + "".join(f"<th>{s}</th>" for s in steps) + "</tr>")
+    parts.append(
+        "<h2>Per-step times (s)</h2><table><tr><th>patient</th>"
+        + "".join(f"<th>{s}</th>" for s in steps)
+        + "</tr>"
+    )
     for pid in sorted(by_patient):
-        parts.append(f"<tr><td>{html.escape(pid)}</td>" + "".join(f"<td>{by_patient[pid].get(s, '')}</td>" for s in steps) + "</tr>")
+        parts.append(
+            f"<tr><td>{html.escape(pid)}</td>"
+            + "".join(f"<td>{by_patient[pid].get(s, '')}</td>" for s in steps)
+            + "</tr>"
+        )
     parts.append("</table><h2>Patients</h2>")
     for row in rows:
         pid = row["patient_id"]

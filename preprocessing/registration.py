@@ -71,8 +71,11 @@ class RegistrationResult:
     metric: float = float("nan")
 
 
-def rigid_matrix(rotation_deg: Sequence[float] = (0.0, 0.0, 0.0), translation_mm: Sequence[float] = (0.0, 0.0, 0.0),
-                 center: Sequence[float] = (0.0, 0.0, 0.0)) -> np.ndarray:
+def rigid_matrix(
+    rotation_deg: Sequence[float] = (0.0, 0.0, 0.0),
+    translation_mm: Sequence[float] = (0.0, 0.0, 0.0),
+    center: Sequence[float] = (0.0, 0.0, 0.0),
+) -> np.ndarray:
     """A 4x4 rigid map: rotation about ``center`` (degrees about x, then y, then z) plus translation."""
     ax, ay, az = np.deg2rad(np.asarray(rotation_deg, dtype=float))
     rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
@@ -275,8 +278,10 @@ def register_to_reference(
         if len(result["fwdtransforms"]) > 1:
             raise RuntimeError(f"unexpected transform list from ANTs: {result['fwdtransforms']}")
     warped_ants = result["warpedmovout"]
-    metric = float(ants.image_mutual_information(fixed_ants, warped_ants)) if metric_mask is None else float(
-        ants.image_mutual_information(fixed_ants * metric_mask, warped_ants * metric_mask)
+    metric = (
+        float(ants.image_mutual_information(fixed_ants, warped_ants))
+        if metric_mask is None
+        else float(ants.image_mutual_information(fixed_ants * metric_mask, warped_ants * metric_mask))
     )
     files: list[str] = []
     if out_prefix is not None:
@@ -323,7 +328,11 @@ def resample_to_reference(
         else:
             files = [str(t) for t in transforms]
         warped = ants.apply_transforms(
-            fixed_ants, moving_ants, transformlist=files, interpolator=interpolation, defaultvalue=default_value
+            fixed_ants,
+            moving_ants,
+            transformlist=files,
+            interpolator=interpolation,
+            defaultvalue=default_value,
         )
     data = warped.numpy()
     if interpolation in ("nearestNeighbor", "genericLabel") and np.issubdtype(source_dtype, np.integer):
@@ -335,9 +344,7 @@ def resample_to_reference(
     return out
 
 
-def transform_displacement(
-    estimated: np.ndarray, truth: np.ndarray, points_ras: np.ndarray
-) -> np.ndarray:
+def transform_displacement(estimated: np.ndarray, truth: np.ndarray, points_ras: np.ndarray) -> np.ndarray:
     """Distance (mm) between where two fixed-to-moving maps send each of ``points_ras`` (N, 3)."""
     points = np.c_[np.asarray(points_ras, dtype=float), np.ones(len(points_ras))]
     delta = (points @ np.asarray(estimated, float).T - points @ np.asarray(truth, float).T)[:, :3]

@@ -112,16 +112,27 @@ def _guarded(task: Callable[..., Any], patient_id: str, *args) -> dict[str, Any]
         return {"patient_id": patient_id, "ok": True, "result": task(*args)}
     except Exception as err:  # noqa: BLE001 - isolation is the point
         logger.error("patient %s failed: %s", patient_id, err)
-        return {"patient_id": patient_id, "ok": False, "error": f"{type(err).__name__}: {err}",
-                "traceback": traceback.format_exc()}
+        return {
+            "patient_id": patient_id,
+            "ok": False,
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(),
+        }
 
 
 def _stage_preprocess(folder: str, out_dir: str, config: PipelineConfig) -> dict[str, Any]:
     return preprocess_patient(discover_exam(folder, config.label_globs), out_dir, config)
 
 
-def _stage_finalize(summary: dict, out_dir: str, landmarks: str, atlas_files: dict[str, str],
-                    atlas_transform: str, seed: int, qc: bool) -> dict[str, Any]:
+def _stage_finalize(
+    summary: dict,
+    out_dir: str,
+    landmarks: str,
+    atlas_files: dict[str, str],
+    atlas_transform: str,
+    seed: int,
+    qc: bool,
+) -> dict[str, Any]:
     import nibabel as nib
 
     from medsynth.utils.io import save_nifti
@@ -142,14 +153,19 @@ def _stage_finalize(summary: dict, out_dir: str, landmarks: str, atlas_files: di
         mask = np.asanyarray(nib.load(final["brain_mask"]).dataobj) > 0
         outputs = {}
         for sequence, img in warped.items():
-            outputs[f"atlas_{sequence}"] = save_nifti(np.asanyarray(img.dataobj).astype(np.float32), img.affine,
-                                                      paths[f"atlas_{sequence}"])
+            outputs[f"atlas_{sequence}"] = save_nifti(
+                np.asanyarray(img.dataobj).astype(np.float32), img.affine, paths[f"atlas_{sequence}"]
+            )
         return outputs, {"primary": primary, "mask_voxels": int(mask.sum())}
 
     if primary is not None:
-        rec = run_step(work_dir(out_dir, pid) / "atlas_warp", "atlas_warp",
-                       {**{f"atlas_{s}": atlas_files[s] for s in atlas_files}, **{s: final[s] for s in atlas_seqs}},
-                       {"transform": atlas_transform, "seed": seed, "primary": primary}, _warp)
+        rec = run_step(
+            work_dir(out_dir, pid) / "atlas_warp",
+            "atlas_warp",
+            {**{f"atlas_{s}": atlas_files[s] for s in atlas_files}, **{s: final[s] for s in atlas_seqs}},
+            {"transform": atlas_transform, "seed": seed, "primary": primary},
+            _warp,
+        )
         steps.append([asdict(rec)])
         for key, rel in rec.outputs.items():
             final[key] = str((work_dir(out_dir, pid) / "atlas_warp" / rel).resolve())
@@ -160,8 +176,12 @@ def _stage_finalize(summary: dict, out_dir: str, landmarks: str, atlas_files: di
         qc_dir = Path(out_dir) / "qc"
 
         def _qc(step_dir: Path):
-            outputs = {"montage": patient_montage(work_dir(out_dir, pid), summary, final, qc_dir / f"{pid}_montage.png"),
-                       "histograms": intensity_histograms(summary, final, qc_dir / f"{pid}_histograms.png")}
+            outputs = {
+                "montage": patient_montage(
+                    work_dir(out_dir, pid), summary, final, qc_dir / f"{pid}_montage.png"
+                ),
+                "histograms": intensity_histograms(summary, final, qc_dir / f"{pid}_histograms.png"),
+            }
             return outputs, {}
 
         rec = run_step(work_dir(out_dir, pid) / "qc", "qc", {k: v for k, v in final.items()}, {}, _qc)
@@ -193,8 +213,9 @@ def _start_client(stack: ExitStack, config: CohortConfig):
     # Spawned workers inherit these: one thread per ITK / BLAS / torch pool, one patient per process.
     for variable in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = "1"
-    cluster = stack.enter_context(LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True,
-                                               dashboard_address=None))
+    cluster = stack.enter_context(
+        LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    )
     return stack.enter_context(Client(cluster))
 
 
@@ -203,7 +224,11 @@ def _fit_landmarks(out_dir: Path, train: Sequence[Mapping[str, Any]], config: Co
 
     sequences = [s for s in ANATOMICAL_SEQUENCES if any(s in t["sequences"] for t in train)]
     path = out_dir / "nyul_landmarks.json"
-    params = {"percentiles": list(config.nyul_percentiles), "range": list(config.nyul_range), "sequences": sequences}
+    params = {
+        "percentiles": list(config.nyul_percentiles),
+        "range": list(config.nyul_range),
+        "sequences": sequences,
+    }
 
     def _fit(step_dir: Path):
         import nibabel as nib
@@ -212,7 +237,9 @@ def _fit_landmarks(out_dir: Path, train: Sequence[Mapping[str, Any]], config: Co
         for sequence in sequences:
             members = [t for t in train if sequence in t["sequences"]]
             model = NyulStandardizer(config.nyul_percentiles, config.nyul_range, sequence)
-            model.fit([nib.load(t["n4"][sequence]) for t in members], [nib.load(t["brain_mask"]) for t in members])
+            model.fit(
+                [nib.load(t["n4"][sequence]) for t in members], [nib.load(t["brain_mask"]) for t in members]
+            )
             models.append(model)
         NyulLandmarks(models).save(path)
         return {"landmarks": path}, {"train_patients": [t["patient_id"] for t in train]}
@@ -225,29 +252,42 @@ def _fit_landmarks(out_dir: Path, train: Sequence[Mapping[str, Any]], config: Co
     return path
 
 
-def _build_atlas(out_dir: Path, train_final: Sequence[Mapping[str, Any]], config: CohortConfig) -> dict[str, str]:
+def _build_atlas(
+    out_dir: Path, train_final: Sequence[Mapping[str, Any]], config: CohortConfig
+) -> dict[str, str]:
     import nibabel as nib
 
     from preprocessing.atlas import build_multivariate_template, save_atlas
 
     sequences = [s for s in CLINICAL_SEQUENCES if train_final and all(s in t["final"] for t in train_final)]
-    params = {"transform": config.atlas_transform, "iterations": config.atlas_iterations,
-              "seed": config.pipeline.seed, "sequences": sequences}
+    params = {
+        "transform": config.atlas_transform,
+        "iterations": config.atlas_iterations,
+        "seed": config.pipeline.seed,
+        "sequences": sequences,
+    }
 
     def _build(step_dir: Path):
         subjects = [{s: nib.load(t["final"][s]) for s in sequences} for t in train_final]
-        atlas = build_multivariate_template(subjects, transform=config.atlas_transform,
-                                            iterations=config.atlas_iterations, seed=config.pipeline.seed,
-                                            progress=config.progress)
-        return save_atlas(atlas, out_dir / "atlas"), {"train_patients": [t["patient_id"] for t in train_final]}
+        atlas = build_multivariate_template(
+            subjects,
+            transform=config.atlas_transform,
+            iterations=config.atlas_iterations,
+            seed=config.pipeline.seed,
+            progress=config.progress,
+        )
+        return save_atlas(atlas, out_dir / "atlas"), {
+            "train_patients": [t["patient_id"] for t in train_final]
+        }
 
     inputs = {f"{t['patient_id']}_{s}": t["final"][s] for t in train_final for s in sequences}
     rec = run_step(out_dir / "work" / "atlas", "atlas", inputs, params, _build)
     return {s: str((out_dir / "work" / "atlas" / rel).resolve()) for s, rel in rec.outputs.items()}
 
 
-def run_cohort(input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: CohortConfig | None = None
-               ) -> CohortResult:
+def run_cohort(
+    input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: CohortConfig | None = None
+) -> CohortResult:
     """Preprocess a raw cohort (see the module docstring for the output layout).
 
     Returns:
@@ -264,8 +304,13 @@ def run_cohort(input_dir: str | os.PathLike, output_dir: str | os.PathLike, conf
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         client = _start_client(stack, config)
-        stage1 = _map(client, _stage_preprocess, [(f.name, str(f), str(out_dir), config.pipeline) for f in folders],
-                      "preprocess", config.progress)
+        stage1 = _map(
+            client,
+            _stage_preprocess,
+            [(f.name, str(f), str(out_dir), config.pipeline) for f in folders],
+            "preprocess",
+            config.progress,
+        )
         summaries = {}
         for record in stage1:
             if record["ok"]:
@@ -276,21 +321,55 @@ def run_cohort(input_dir: str | os.PathLike, output_dir: str | os.PathLike, conf
         train = [summaries[p] for p in ids if p in summaries and splits[p] == "train"]
         finals: dict[str, dict[str, Any]] = {}
         if not train:
-            logger.error("no training patient was preprocessed: cannot fit the Nyul landmarks nor build the atlas")
+            logger.error(
+                "no training patient was preprocessed: cannot fit the Nyul landmarks nor build the atlas"
+            )
         else:
             landmarks = _fit_landmarks(out_dir, train, config)
             # Standardize the train split first: the atlas needs its final images.
             train_ids = [t["patient_id"] for t in train]
-            standardized = _map(client, _stage_finalize,
-                                [(p, summaries[p], str(out_dir), str(landmarks), {}, config.atlas_transform,
-                                  config.pipeline.seed, False) for p in train_ids], "standardize", config.progress)
+            standardized = _map(
+                client,
+                _stage_finalize,
+                [
+                    (
+                        p,
+                        summaries[p],
+                        str(out_dir),
+                        str(landmarks),
+                        {},
+                        config.atlas_transform,
+                        config.pipeline.seed,
+                        False,
+                    )
+                    for p in train_ids
+                ],
+                "standardize",
+                config.progress,
+            )
             train_final = [r["result"] for r in standardized if r["ok"]]
             failures.update({r["patient_id"]: r["error"] for r in standardized if not r["ok"]})
             atlas_files = _build_atlas(out_dir, train_final, config) if train_final else {}
             todo = [p for p in ids if p in summaries and p not in failures]
-            finalized = _map(client, _stage_finalize,
-                             [(p, summaries[p], str(out_dir), str(landmarks), atlas_files, config.atlas_transform,
-                               config.pipeline.seed, config.qc) for p in todo], "finalize", config.progress)
+            finalized = _map(
+                client,
+                _stage_finalize,
+                [
+                    (
+                        p,
+                        summaries[p],
+                        str(out_dir),
+                        str(landmarks),
+                        atlas_files,
+                        config.atlas_transform,
+                        config.pipeline.seed,
+                        config.qc,
+                    )
+                    for p in todo
+                ],
+                "finalize",
+                config.progress,
+            )
             for record in finalized:
                 if record["ok"]:
                     finals[record["patient_id"]] = record["result"]
@@ -299,27 +378,45 @@ def run_cohort(input_dir: str | os.PathLike, output_dir: str | os.PathLike, conf
     for pid in ids:
         if pid in summaries:
             steps = finals[pid]["steps"] if pid in finals else summaries[pid]["steps"]
-            timings += [{"patient_id": pid, "step": s["step"], "seconds": round(float(s["seconds"]), 3),
-                         "skipped": bool(s["skipped"])} for s in steps]
+            timings += [
+                {
+                    "patient_id": pid,
+                    "step": s["step"],
+                    "seconds": round(float(s["seconds"]), 3),
+                    "skipped": bool(s["skipped"]),
+                }
+                for s in steps
+            ]
     manifest_path = _write_manifest(out_dir, ids, splits, finals) if finals else None
     timings_path = out_dir / "timings.csv"
-    pd.DataFrame(timings, columns=["patient_id", "step", "seconds", "skipped"]).to_csv(timings_path, index=False)
+    pd.DataFrame(timings, columns=["patient_id", "step", "seconds", "skipped"]).to_csv(
+        timings_path, index=False
+    )
     save_json(timings, out_dir / "timings.json")
     save_json({"failures": failures, "splits": splits}, out_dir / "failures.json")
     qc_page = None
     if config.qc:
         from preprocessing.qc import cohort_page
 
-        rows = [{"patient_id": p, "split": splits[p], "montage": finals[p].get("montage"),
-                 "histograms": finals[p].get("histograms")} for p in ids if p in finals]
+        rows = [
+            {
+                "patient_id": p,
+                "split": splits[p],
+                "montage": finals[p].get("montage"),
+                "histograms": finals[p].get("histograms"),
+            }
+            for p in ids
+            if p in finals
+        ]
         qc_page = cohort_page(out_dir, rows, failures, timings)
     if failures:
         logger.error("%d patient(s) failed: %s", len(failures), ", ".join(sorted(failures)))
     return CohortResult(manifest_path, failures, timings_path, qc_page, [p for p in ids if p in finals])
 
 
-def _write_manifest(out_dir: Path, ids: Sequence[str], splits: Mapping[str, str],
-                    finals: Mapping[str, Mapping[str, Any]]) -> Path:
+def _write_manifest(
+    out_dir: Path, ids: Sequence[str], splits: Mapping[str, str], finals: Mapping[str, Mapping[str, Any]]
+) -> Path:
     sequences = [s for s in CLINICAL_SEQUENCES if any(s in f["final"] for f in finals.values())]
     records = []
     for pid in ids:

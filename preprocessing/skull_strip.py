@@ -28,20 +28,29 @@ import functools
 import logging
 import time
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 import torch
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import FillHoles, KeepLargestConnectedComponent, MapTransform, Transform
 from nibabel.processing import resample_from_to, resample_to_output
 
 from medsynth.errors import InputDataError
-from preprocessing.imageio import new_image_like, same_grid
+from preprocessing.imageio import like_input, new_image_like, same_grid, to_nifti
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SKULL_STRIP_METHODS", "ExtractBrain", "ExtractBraind", "brain_probability", "extract_brain", "postprocess_mask"]
+__all__ = [
+    "SKULL_STRIP_METHODS",
+    "ExtractBrain",
+    "ExtractBraind",
+    "brain_probability",
+    "extract_brain",
+    "postprocess_mask",
+]
 
 SKULL_STRIP_METHODS = ("deepbet",)
 
@@ -55,7 +64,9 @@ def _deepbet_model(device: str):
     return model
 
 
-def brain_probability(img: nib.Nifti1Image, resample_mm: float | None = 1.0, device: str = "cpu") -> nib.Nifti1Image:
+def brain_probability(
+    img: nib.Nifti1Image, resample_mm: float | None = 1.0, device: str = "cpu"
+) -> nib.Nifti1Image:
     """deepbet brain probability (float32 in [0, 1]) on ``img``'s grid.
 
     Args:
@@ -135,7 +146,8 @@ def extract_brain(
 
 
 class ExtractBrain(Transform):
-    """Array-level transform: ``nib.Nifti1Image`` -> uint8 brain mask image (see :func:`extract_brain`)."""
+    """Array transform: image -> uint8 brain mask (see :func:`extract_brain`), on NIfTI images or MONAI
+    MetaTensors (the mask has the input's type)."""
 
     def __init__(
         self,
@@ -155,8 +167,8 @@ class ExtractBrain(Transform):
             "device": device,
         }
 
-    def __call__(self, img: nib.Nifti1Image) -> nib.Nifti1Image:
-        return extract_brain(img, **self.kwargs)
+    def __call__(self, img: nib.Nifti1Image | MetaTensor) -> nib.Nifti1Image | MetaTensor:
+        return like_input(extract_brain(to_nifti(img), **self.kwargs), img)
 
 
 class ExtractBraind(MapTransform):
@@ -182,18 +194,22 @@ class ExtractBraind(MapTransform):
         self.apply_mask = apply_mask
         self.extractor = ExtractBrain(**kwargs)
 
-    def __call__(self, data: Mapping[Hashable, nib.Nifti1Image]) -> dict[Hashable, nib.Nifti1Image]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys: Sequence[Hashable] = list(self.key_iterator(d))
         if not keys:
             return d
-        mask_img = self.extractor(d[keys[0]])
-        d[self.mask_key] = mask_img
+        mask_img = extract_brain(to_nifti(d[keys[0]]), **self.extractor.kwargs)
+        d[self.mask_key] = like_input(mask_img, d[keys[0]])
         if self.apply_mask:
             mask = np.asanyarray(mask_img.dataobj).astype(bool)
             for key in keys:
-                image = d[key]
+                image = to_nifti(d[key])
                 if not same_grid(image, mask_img):
-                    raise InputDataError(f"{key!r} is not on the grid of the brain mask", path=image.get_filename())
-                d[key] = new_image_like(np.where(mask, np.asanyarray(image.dataobj), 0), image)
+                    raise InputDataError(
+                        f"{key!r} is not on the grid of the brain mask", path=image.get_filename()
+                    )
+                d[key] = like_input(
+                    new_image_like(np.where(mask, np.asanyarray(image.dataobj), 0), image), d[key]
+                )
         return d

@@ -16,22 +16,24 @@ range, landmarks): loading refuses a file made for another sequence or edited by
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 from collections.abc import Hashable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from monai.config import KeysCollection
+from monai.data import MetaTensor
 from monai.transforms import MapTransform, Transform
 
 from medsynth.constants import canonical_sequence
 from medsynth.errors import InputDataError
+from medsynth.utils.hashing import json_digest
 from medsynth.utils.io import save_json
-from preprocessing.imageio import new_image_like, same_grid
+from preprocessing.imageio import like_input, new_image_like, same_grid, to_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +54,6 @@ class LandmarkFileError(ValueError):
     """A landmark file that cannot be used: wrong sequence(s), tampered content, bad format."""
 
 
-def _fingerprint(payload: dict) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
 def _as_array(item: nib.Nifti1Image | np.ndarray, what: str, index: int) -> tuple[np.ndarray, str | None]:
     if isinstance(item, nib.Nifti1Image):
         return np.asanyarray(item.dataobj), item.get_filename()
@@ -71,11 +68,17 @@ def _masked_values(
     if mask is None:
         region = data != 0
     else:
-        if isinstance(image, nib.Nifti1Image) and isinstance(mask, nib.Nifti1Image) and not same_grid(image, mask):
+        if (
+            isinstance(image, nib.Nifti1Image)
+            and isinstance(mask, nib.Nifti1Image)
+            and not same_grid(image, mask)
+        ):
             raise InputDataError(f"mask grid {mask.shape} differs from image grid {image.shape}", path=path)
         region = _as_array(mask, "mask", index)[0] > 0
         if region.shape != data.shape:
-            raise InputDataError(f"mask shape {region.shape} differs from image shape {data.shape}", path=path)
+            raise InputDataError(
+                f"mask shape {region.shape} differs from image shape {data.shape}", path=path
+            )
     values = data[region].astype(np.float64)
     if values.size == 0:
         raise InputDataError(f"image {index}: empty brain mask", path=path)
@@ -106,7 +109,9 @@ class NyulStandardizer(Transform):
         if self.percentiles.ndim != 1 or self.percentiles.size < 2:
             raise ValueError("percentiles needs at least two values")
         if np.any(np.diff(self.percentiles) <= 0) or self.percentiles[0] < 0 or self.percentiles[-1] > 100:
-            raise ValueError(f"percentiles must increase strictly within [0, 100], got {self.percentiles.tolist()}")
+            raise ValueError(
+                f"percentiles must increase strictly within [0, 100], got {self.percentiles.tolist()}"
+            )
         self.standard_range = tuple(float(v) for v in standard_range)
         if len(self.standard_range) != 2 or not self.standard_range[0] < self.standard_range[1]:
             raise ValueError(f"standard_range must be (low, high) with low < high, got {standard_range}")
@@ -134,7 +139,7 @@ class NyulStandardizer(Transform):
             raise ValueError(f"{len(images)} images but {len(masks)} masks")
         low, high = self.standard_range
         mapped = []
-        for index, (image, mask) in enumerate(zip(images, masks)):
+        for index, (image, mask) in enumerate(zip(images, masks, strict=True)):
             values = np.percentile(_masked_values(image, mask, index), self.percentiles)
             span = values[-1] - values[0]
             if span <= 0:
@@ -143,7 +148,9 @@ class NyulStandardizer(Transform):
             mapped.append(low + (values - values[0]) * (high - low) / span)
         self.landmarks = np.mean(mapped, axis=0)
         self.n_images = len(images)
-        logger.info("Nyul %s: landmarks from %d images: %s", self.sequence, self.n_images, np.round(self.landmarks, 2))
+        logger.info(
+            "Nyul %s: landmarks from %d images: %s", self.sequence, self.n_images, np.round(self.landmarks, 2)
+        )
         return self
 
     # -- mapping --------------------------------------------------------------------------------
@@ -172,8 +179,9 @@ class NyulStandardizer(Transform):
         out[region] = self.map_values(data[region], landmarks)
         return new_image_like(out, img)
 
-    def __call__(self, img: nib.Nifti1Image, mask: nib.Nifti1Image | None = None) -> nib.Nifti1Image:
-        return self.transform(img, mask)
+    def __call__(self, img: nib.Nifti1Image | MetaTensor, mask: nib.Nifti1Image | MetaTensor | None = None):
+        """:meth:`transform` on NIfTI images or MONAI MetaTensors (the output has the input's type)."""
+        return like_input(self.transform(to_nifti(img), to_nifti(mask)), img)
 
     # -- persistence ----------------------------------------------------------------------------
     def _payload(self) -> dict:
@@ -186,19 +194,22 @@ class NyulStandardizer(Transform):
 
     def to_dict(self) -> dict:
         payload = self._payload()
-        return {**payload, "n_images": self.n_images, "fingerprint": _fingerprint(payload)}
+        return {**payload, "n_images": self.n_images, "fingerprint": json_digest(payload)}
 
     @classmethod
-    def from_dict(cls, record: Mapping, expected_sequence: str | None = None, source: str = "") -> NyulStandardizer:
+    def from_dict(
+        cls, record: Mapping, expected_sequence: str | None = None, source: str = ""
+    ) -> NyulStandardizer:
         """Rebuild a fitted model; checks the fingerprint and (optionally) the sequence."""
         keys = ("sequence", "percentiles", "standard_range", "landmarks", "fingerprint")
         missing = [k for k in keys if k not in record]
         if missing:
             raise LandmarkFileError(f"{source}: not a Nyul landmark record (missing {missing})")
         payload = {k: record[k] for k in keys[:-1]}
-        if _fingerprint(payload) != record["fingerprint"]:
+        if json_digest(payload) != record["fingerprint"]:
             raise LandmarkFileError(
-                f"{source}: fingerprint mismatch for sequence {record['sequence']!r}: the landmarks were modified "
+                f"{source}: fingerprint mismatch for sequence {record['sequence']!r}: the landmarks were "
+                f"modified "
                 "after they were saved; refit them"
             )
         if expected_sequence is not None and canonical_sequence(expected_sequence) != record["sequence"]:
@@ -209,7 +220,9 @@ class NyulStandardizer(Transform):
         model = cls(record["percentiles"], record["standard_range"], record["sequence"])
         model.landmarks = np.asarray(record["landmarks"], dtype=np.float64)
         if model.landmarks.shape != model.percentiles.shape:
-            raise LandmarkFileError(f"{source}: {model.landmarks.size} landmarks for {model.percentiles.size} percentiles")
+            raise LandmarkFileError(
+                f"{source}: {model.landmarks.size} landmarks for {model.percentiles.size} percentiles"
+            )
         model.n_images = int(record.get("n_images", 0))
         return model
 
@@ -273,8 +286,10 @@ class NyulLandmarks:
 
     def save(self, path: str | os.PathLike) -> Path:
         records = {seq: model.to_dict() for seq, model in sorted(self.standardizers.items())}
-        overall = _fingerprint({seq: r["fingerprint"] for seq, r in records.items()})
-        return save_json({"format": _FORMAT, "version": _VERSION, "sequences": records, "fingerprint": overall}, path)
+        overall = json_digest({seq: r["fingerprint"] for seq, r in records.items()})
+        return save_json(
+            {"format": _FORMAT, "version": _VERSION, "sequences": records, "fingerprint": overall}, path
+        )
 
     @classmethod
     def load(cls, path: str | os.PathLike, expected_sequences: Iterable[str] | None = None) -> NyulLandmarks:
@@ -282,9 +297,14 @@ class NyulLandmarks:
         if "sequences" not in record:
             raise LandmarkFileError(f"{path}: a single-sequence landmark file; use NyulStandardizer.load")
         records = record["sequences"]
-        if _fingerprint({seq: r.get("fingerprint") for seq, r in records.items()}) != record.get("fingerprint"):
+        if json_digest({seq: r.get("fingerprint") for seq, r in records.items()}) != record.get(
+            "fingerprint"
+        ):
             raise LandmarkFileError(f"{path}: fingerprint mismatch: sequences were added, removed or edited")
-        landmarks = cls(NyulStandardizer.from_dict(r, expected_sequence=seq, source=str(path)) for seq, r in records.items())
+        landmarks = cls(
+            NyulStandardizer.from_dict(r, expected_sequence=seq, source=str(path))
+            for seq, r in records.items()
+        )
         if expected_sequences is not None:
             landmarks.check(expected_sequences)
         return landmarks
@@ -315,11 +335,13 @@ class NyulStandardized(MapTransform):
         for key in self.keys:
             sequence = self.sequences.get(key, key)
             if sequence not in self.landmarks:
-                raise LandmarkFileError(f"no landmarks for {key!r} (sequence {sequence!r}); have {self.landmarks.sequences}")
+                raise LandmarkFileError(
+                    f"no landmarks for {key!r} (sequence {sequence!r}); have {self.landmarks.sequences}"
+                )
 
-    def __call__(self, data: Mapping[Hashable, nib.Nifti1Image]) -> dict[Hashable, nib.Nifti1Image]:
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         mask = d.get(self.mask_key) if self.mask_key is not None else None
         for key in self.key_iterator(d):
-            d[key] = self.landmarks[self.sequences.get(key, key)].transform(d[key], mask)
+            d[key] = self.landmarks[self.sequences.get(key, key)](d[key], mask)
         return d

@@ -7,8 +7,8 @@ outside, anatomical sequences positive inside the brain, APTw in percent.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

@@ -34,7 +34,8 @@ def _inputs(batch: int, seed: int) -> torch.Tensor:
 
 
 def _tiny_network(generator_class: type[nn.Module], seed: int = 0) -> SynthesisInferenceNetwork:
-    """A tiny generator with He-initialised convolutions (outputs spread over [-1, 1]) and trained BN statistics."""
+    """A tiny generator with He-initialised convolutions (outputs spread over [-1, 1]) and trained BN
+    statistics."""
     torch.manual_seed(seed)
     network = SynthesisInferenceNetwork(generator_class(base_width=4, num_res_blocks=2))
     for module in network.modules():
@@ -226,18 +227,19 @@ def test_contract_errors(network):
         optimize_for_inference(_DictOutput(network), example, "cpu")
 
 
-def test_synthesize_volume_with_optimized_network(network):
-    from medsynth.inference.synthesis import synthesize_volume
+def test_volume_inferer_with_optimized_network(network):
+    from medsynth.inference import SliceStackInferer
 
     rng = np.random.default_rng(0)
-    labels = rng.integers(0, 5, size=(SIZE, SIZE, 4))
-    atlas = rng.uniform(0, 1000, size=(NUM_SEQUENCES, SIZE, SIZE, 4)).astype(np.float32)
+    labels = torch.as_tensor(rng.integers(0, 5, size=(SIZE, SIZE, 4)))
+    mask = nn.functional.one_hot(labels, 5).permute(3, 0, 1, 2).float()
+    atlas = torch.as_tensor(rng.uniform(-1, 1, size=(NUM_SEQUENCES, SIZE, SIZE, 4)), dtype=torch.float32)
+    volume = torch.cat([mask, atlas])[None]  # (1, 5 + N, H, W, D), as the bundles' preprocessing makes it
     optimized = optimize_for_inference(network, _inputs(4, seed=8), "cpu")
-    expected = synthesize_volume(network, labels, atlas, image_size=SIZE, batch_size=4)
-    result = synthesize_volume(optimized, labels, atlas, image_size=SIZE, batch_size=4)
-    for sequence, volume in expected.items():
-        scale = float(np.ptp(volume)) or 1.0
-        np.testing.assert_allclose(result[sequence], volume, atol=1e-4 * scale)
+    inferer = SliceStackInferer(batch_size=4)
+    expected, result = inferer(volume, network), inferer(volume, optimized)
+    assert expected.shape == (1, NUM_SEQUENCES, SIZE, SIZE, 4)
+    torch.testing.assert_close(result, expected, atol=1e-4 * float(expected.max() - expected.min()), rtol=0)
 
 
 @pytest.mark.slow

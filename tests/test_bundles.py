@@ -1,7 +1,8 @@
 """The CG-SAMR and SAMR MONAI bundles: train, evaluate, inference, DDP, verify_net_in_out, ckpt_export.
 
 Every run uses the bundles' own configs with tiny overrides (a 3-patient phantom cohort of
-40x40x6 voxels, 32x32 slices, narrow networks, one epoch).
+40x40x6 voxels, 32x32 slices, narrow networks, one epoch), from the repository root as documented
+(the configs' ``%`` macros name files relative to it). SAMR is an override of CG-SAMR's configs.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import pandas as pd
 import pytest
 import torch
 from monai.bundle import ckpt_export, run, verify_net_in_out
+
+from medsynth.utils.bundles import WORKFLOWS, bundle_config_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
 
@@ -41,6 +44,29 @@ def configs(bundle: str, *names: str) -> list[str]:
     return [str(REPO / "bundles" / bundle / "configs" / name) for name in names]
 
 
+# What each bundle's documented commands list, per workflow.
+BUNDLE_CONFIGS = {
+    bundle: {workflow: bundle_config_files(REPO / "bundles" / bundle, workflow) for workflow in WORKFLOWS}
+    for bundle in ("cg_samr", "samr")
+}
+
+
+def test_workflow_config_lists_of_a_base_and_a_derived_bundle():
+    assert BUNDLE_CONFIGS["cg_samr"]["evaluate"] == configs("cg_samr", "train.json", "evaluate.json")
+    assert BUNDLE_CONFIGS["samr"]["train"] == configs("cg_samr", "train.json") + configs("samr", "samr.json")
+    assert BUNDLE_CONFIGS["samr"]["inference"] == configs("cg_samr", "inference.json") + configs(
+        "samr", "samr.json"
+    )
+    assert BUNDLE_CONFIGS["samr"]["evaluate"][-1] == configs("cg_samr", "evaluate.json")[0]
+    with pytest.raises(FileNotFoundError, match="not a bundle"):
+        bundle_config_files(REPO / "docs")
+
+
+@pytest.fixture(autouse=True)
+def _from_the_repository_root(monkeypatch):
+    monkeypatch.chdir(REPO)
+
+
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory) -> str:
     """A cache with the tiny phantom cohort already generated (the bundles reuse it)."""
@@ -50,16 +76,16 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str, **inference_overrides) -> Path:
-    common = {"output_dir": str(out), "cache_dir": cache_dir, "logging_file": configs(bundle, "logging.conf")[0]}
-    run(config_file=configs(bundle, "train.json"), meta_file=configs(bundle, "metadata.json")[0], **common, **TINY_TRAIN)
+    common = {
+        "output_dir": str(out),
+        "cache_dir": cache_dir,
+        "logging_file": configs("cg_samr", "logging.conf")[0],
+    }
+    meta = configs(bundle, "metadata.json")[0]
+    run(config_file=BUNDLE_CONFIGS[bundle]["train"], meta_file=meta, **common, **TINY_TRAIN)
+    run(config_file=BUNDLE_CONFIGS[bundle]["evaluate"], meta_file=meta, **common, **TINY_TRAIN)
     run(
-        config_file=configs(bundle, "train.json", "evaluate.json"),
-        meta_file=configs(bundle, "metadata.json")[0],
-        **common,
-        **TINY_TRAIN,
-    )
-    run(
-        config_file=configs(bundle, "inference.json"),
+        config_file=BUNDLE_CONFIGS[bundle]["inference"],
         meta_file=configs(bundle, "metadata.json")[0],
         **common,
         **TINY_DATA,
@@ -85,10 +111,18 @@ def _check_outputs(out: Path, confidence: bool, manifest: pd.DataFrame) -> None:
     assert pd.read_csv(out / "eval" / "table1_test.csv", index_col=0).shape == (6, 5)
     assert list((out / "eval" / "samples").glob("*.png"))
     checkpoint = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=True)
-    expected = {"trainer", "generator", "discriminator", "segmenter", "g_optimizer", "d_optimizer", "u_optimizer"}
-    assert expected | {"g_scheduler", "d_scheduler", "u_scheduler", "best_model_saver"} <= set(checkpoint)
-    assert ("confidence_loss" in checkpoint) == confidence
-    assert set(checkpoint["discriminator"]) and all(k.startswith("discriminators.") for k in checkpoint["discriminator"])
+    networks = ("generator", "discriminator", "segmenter")
+    expected = {"trainer", "best_model_saver", *networks}
+    expected |= {f"{name}_{kind}" for name in networks for kind in ("optimizer", "scheduler")}
+    assert set(checkpoint) == expected | ({"confidence_loss"} if confidence else set())
+    assert set(checkpoint["discriminator"]) and all(
+        k.startswith("discriminators.") for k in checkpoint["discriminator"]
+    )
+    generator_keys = set(checkpoint["generator"])
+    assert any(k.startswith("decoder.synthesis.") for k in generator_keys) == confidence
+    assert (
+        any(k.startswith("decoder.branches.0.0.conv_block") for k in generator_keys) != confidence
+    )  # SAMR's branch block
 
     # Inference: every test patient, every sequence, in the geometry of its label map.
     [patient] = manifest.loc[manifest["split"] == "test", "patient_id"]
@@ -102,6 +136,9 @@ def _check_outputs(out: Path, confidence: bool, manifest: pd.DataFrame) -> None:
         assert np.isfinite(image.get_fdata()).all()
     record = json.loads((case / "synthesis.json").read_text())
     assert record["manipulation"] == "mirror" and record["intensity_windows"] == "real images"
+    assert record["checkpoint"].endswith("models/model.pt")
+    synthesized = pd.read_csv(out / "inference" / "manifest.csv")
+    assert synthesized["patient_id"].tolist() == [patient] and synthesized["split"].tolist() == ["test"]
 
 
 def _manifest(cache_dir: str) -> pd.DataFrame:
@@ -123,9 +160,12 @@ def test_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
 
 @pytest.mark.parametrize("bundle", ["cg_samr", "samr"])
 def test_verify_net_in_out_and_torchscript_export(tmp_path, bundle):
-    meta, inference = configs(bundle, "metadata.json", "inference.json")
+    meta = configs(bundle, "metadata.json")[0]
+    inference = BUNDLE_CONFIGS[bundle]["inference"]
     # num_sequences given: the network check needs no dataset.
-    verify_net_in_out("network_def", meta_file=meta, config_file=inference, device="cpu", num_sequences=5, **TINY_NETWORK)
+    verify_net_in_out(
+        "network_def", meta_file=meta, config_file=inference, device="cpu", num_sequences=5, **TINY_NETWORK
+    )
 
     torch.manual_seed(0)
     from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
@@ -174,7 +214,10 @@ def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path, cache_dir):
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     # Rank 0 alone writes checkpoints, tables and grids.
-    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
+        "checkpoint_epoch=1.pt",
+        "checkpoint_epoch=2.pt",
+    ]
     assert json.loads((out / "metrics" / "metrics.json").read_text())["epoch"] == 2
     assert sorted(p.name for p in (out / "samples").glob("*.png")) == [
         "epoch_0001_sample_0.png",

@@ -31,7 +31,7 @@ def _volume(path) -> np.ndarray:
 def _expected_atlas(paths, brains) -> np.ndarray:
     """Mean over patients of each volume divided by its brain p99.5 (the documented atlas recipe)."""
     total = 0.0
-    for path, brain in zip(paths, brains):
+    for path, brain in zip(paths, brains, strict=True):
         volume = _volume(path).astype(np.float64)
         total = total + volume / np.percentile(volume[_volume(brain) > 0], 99.5)
     return total / len(paths)
@@ -64,7 +64,7 @@ def test_user_csv_derives_masks_splits_and_train_only_atlas(tmp_path):
     assert list(manifest.columns[:6]) == ["patient_id", "split", "t1w", "gd_t1w", "t2w", "flair"]
     assert "age" not in manifest.columns
     assert manifest["t2w"].tolist() == source["t2w"].tolist()  # aliases and relative paths resolved
-    assert dict(zip(manifest["patient_id"], manifest["split"])) == split_patients(
+    assert dict(zip(manifest["patient_id"], manifest["split"], strict=True)) == split_patients(
         source["patient_id"], seed=1
     )
     for _, row in manifest.iterrows():

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from monai.data import DataLoader
 from cohort_helpers import write_tiny_cohort
+from monai.data import DataLoader
 
 from medsynth.cli import main
 from medsynth.data.cohort import detect_source, phantom_cohort_dir, resolve_cohort
@@ -156,7 +156,9 @@ def test_concurrent_resolutions_generate_the_cohort_once(tmp_path, monkeypatch):
 
     def resolve():
         try:
-            results.append(resolve_cohort(None, tmp_path, phantom_patients=3, phantom_shape=(24, 24, 4), progress=False))
+            results.append(
+                resolve_cohort(None, tmp_path, phantom_patients=3, phantom_shape=(24, 24, 4), progress=False)
+            )
         except Exception as error:  # noqa: BLE001 - reported by the assertion below
             errors.append(error)
 

@@ -22,7 +22,10 @@ from medsynth.networks import CGSAMRGenerator, LabelWiseMultiScaleDiscriminator,
 
 def constant_outputs(values: list[float], shapes: list[tuple[int, ...]]) -> list[list[torch.Tensor]]:
     """Fake discriminator outputs: one list per discriminator, last entry the prediction."""
-    return [[torch.randn(2, 3, 4, 4), torch.full(shape, value)] for value, shape in zip(values, shapes)]
+    return [
+        [torch.randn(2, 3, 4, 4), torch.full(shape, value)]
+        for value, shape in zip(values, shapes, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +73,7 @@ def test_feature_matching_is_zero_for_identical_features():
 def test_feature_matching_known_value_ignores_predictions():
     real = features(0)
     offsets = [[0.5, -2.0, 100.0], [1.0, 0.25, -100.0]]  # last layer (prediction) must not count
-    fake = [[t + d for t, d in zip(out, ds)] for out, ds in zip(real, offsets)]
+    fake = [[t + d for t, d in zip(out, ds, strict=True)] for out, ds in zip(real, offsets, strict=True)]
     l1 = FeatureMatchingLoss(criterion="l1", weight=5.0)(fake, real)
     assert l1.item() == pytest.approx(5.0 * (0.5 + 2.0 + 1.0 + 0.25), rel=1e-5)
     l2 = FeatureMatchingLoss(criterion="l2")(fake, real)

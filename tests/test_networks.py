@@ -1,4 +1,4 @@
-"""SAMR / CG-SAMR generators, label-wise discriminators and the lesion U-Net."""
+"""Generator parts, the SAMR / CG-SAMR generators, PatchGAN discriminators and the lesion U-Net."""
 
 from __future__ import annotations
 
@@ -9,10 +9,15 @@ import torch.nn.functional as F
 from medsynth.constants import BRATS_SEQUENCES, CLINICAL_SEQUENCES, NUM_LABELS, ROI_LABELS
 from medsynth.networks import (
     CGSAMRGenerator,
+    ConfidenceGuidedDecoder,
+    DualEncoder,
     LabelWiseMultiScaleDiscriminator,
+    MultiScalePatchDiscriminator,
     PatchGANDiscriminator,
     ResidualBlock,
+    ResidualTrunk,
     SAMRGenerator,
+    StretchOutDecoder,
     SynthesisInferenceNetwork,
     make_lesion_unet,
     roi_masks,
@@ -49,20 +54,81 @@ def test_parameter_counts_match_the_authors_networks():
 
 def test_parameter_count_breakdown():
     samr = SAMRGenerator()
-    assert count(samr.mask_encoder) == 27_296 and count(samr.atlas_encoder) == 35_136
+    assert count(samr.encoder.mask_encoder) == 27_296 and count(samr.encoder.atlas_encoder) == 35_136
     assert count(ResidualBlock(128)) == 295_680
-    assert [count(branch) for branch in samr.branches] == [389_697] * 5
+    assert [count(branch) for branch in samr.decoder.branches] == [389_697] * 5
     cgsamr = CGSAMRGenerator()
     # One synthesis and one confidence module shared by the five branches (authors' code).
-    assert count(cgsamr.synthesis) + count(cgsamr.confidence) == 18_370
-    assert [count(branch) for branch in cgsamr.branches] == [94_305] * 5
+    assert count(cgsamr.decoder.synthesis) + count(cgsamr.decoder.confidence) == 18_370
+    assert [count(branch) for branch in cgsamr.decoder.branches] == [94_305] * 5
     assert count(PatchGANDiscriminator(25)) == 2_789_057
+
+
+def test_generators_are_composed_of_named_reusable_parts():
+    samr, cgsamr = SAMRGenerator(), CGSAMRGenerator()
+    for generator in (samr, cgsamr):
+        assert isinstance(generator.encoder, DualEncoder) and isinstance(generator.trunk, ResidualTrunk)
+        assert count(generator.encoder) == 27_296 + 35_136 and count(generator.trunk) == 9 * 295_680
+    assert isinstance(samr.decoder, StretchOutDecoder) and isinstance(cgsamr.decoder, ConfidenceGuidedDecoder)
+    # The parts stand alone with the generators' counts, so a new method can reuse them as they are.
+    assert count(StretchOutDecoder(128, num_outputs=5)) == count(samr.decoder) == 5 * 389_697
+    assert count(ConfidenceGuidedDecoder(128, num_outputs=5, guidance_width=16)) == count(cgsamr.decoder)
+    assert count(cgsamr) == count(cgsamr.encoder) + count(cgsamr.trunk) + count(cgsamr.decoder)
+    latent = torch.rand(1, 128, 8, 8)
+    guided = ConfidenceGuidedDecoder(128, num_outputs=3, guidance_width=16)(latent)
+    assert {key: tuple(value.shape) for key, value in guided.items()} == {
+        "images": (1, 3, 32, 32),
+        "intermediate": (1, 3, 16, 16),
+        "confidence": (1, 3, 16, 16),
+    }
+    assert StretchOutDecoder(128, num_outputs=2, branch_residual_block=False)(latent).shape == (1, 2, 32, 32)
+    # The multi-scale PatchGAN without the label-wise wrapper: pix2pixHD's discriminator.
+    multi_scale = MultiScalePatchDiscriminator(7, num_scales=2)
+    assert count(multi_scale) == 2 * count(PatchGANDiscriminator(7))
+    outputs = multi_scale(torch.rand(1, 7, 32, 32))
+    assert len(outputs) == 2 and outputs[1][-1].shape[-1] < outputs[0][-1].shape[-1]
+
+
+@pytest.mark.parametrize("generator_class", [SAMRGenerator, CGSAMRGenerator])
+def test_checkpoints_of_the_flat_networks_of_0_1_still_load(generator_class):
+    torch.manual_seed(0)
+    generator = generator_class(num_sequences=3, base_width=4, num_res_blocks=1)
+    discriminator = LabelWiseMultiScaleDiscriminator(5 + 4 * 3, base_filters=8, num_layers=2)
+    renames = {
+        "encoder.mask_encoder.": "mask_encoder.",
+        "encoder.atlas_encoder.": "atlas_encoder.",
+        "trunk.": "res_blocks.",
+        "decoder.branches.": "branches.",
+        "decoder.synthesis.": "synthesis.",
+        "decoder.confidence.": "confidence.",
+    }
+
+    def old_name(key):
+        for new, old in renames.items():
+            if key.startswith(new):
+                return old + key[len(new) :]
+        raise AssertionError(key)
+
+    flat_generator = {old_name(k): v for k, v in generator.state_dict().items()}
+    flat_discriminator = {}
+    for key, value in discriminator.state_dict().items():
+        _, roi, _, scale, rest = key.split(".", 4)
+        flat_discriminator[f"discriminators.{roi}_s{scale}.{rest}"] = value
+    fresh_generator = generator_class(num_sequences=3, base_width=4, num_res_blocks=1)
+    fresh_discriminator = LabelWiseMultiScaleDiscriminator(5 + 4 * 3, base_filters=8, num_layers=2)
+    fresh_generator.load_state_dict(flat_generator)  # strict: every name must map
+    fresh_discriminator.load_state_dict(flat_discriminator)
+    for original, loaded in ((generator, fresh_generator), (discriminator, fresh_discriminator)):
+        for (name, a), b in zip(original.state_dict().items(), loaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    wrapped = SynthesisInferenceNetwork(generator_class(num_sequences=3, base_width=4, num_res_blocks=1))
+    wrapped.load_state_dict({f"generator.{k}": v for k, v in flat_generator.items()})
 
 
 def test_atlas_channels_default_to_three_slices_per_sequence():
     generator = CGSAMRGenerator(num_sequences=len(BRATS_SEQUENCES))
     assert generator.atlas_channels == 12
-    assert generator.atlas_encoder[1].conv.in_channels == 12
+    assert generator.encoder.atlas_encoder[1].conv.in_channels == 12
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,7 +154,7 @@ def test_cgsamr_feeds_confidence_masked_intermediate_to_the_last_upsampling():
     torch.manual_seed(0)
     generator = CGSAMRGenerator(num_res_blocks=1).eval()
     captured = {}
-    branch = generator.branches[3]
+    branch = generator.decoder.branches[3]
     branch.to_full_scale.register_forward_pre_hook(lambda module, args: captured.update(x=args[0]))
     features = {}
     branch.to_half_scale.register_forward_hook(lambda module, args, output: features.update(f=output))
@@ -104,7 +170,7 @@ def test_output_channels_follow_sequence_order(generator_class):
     torch.manual_seed(0)
     generator = generator_class(num_res_blocks=1).eval()
     # Make branch k's output head a constant tanh(0.1 * (k + 1)).
-    for k, branch in enumerate(generator.branches):
+    for k, branch in enumerate(generator.decoder.branches):
         head = branch[-1] if generator_class is SAMRGenerator else branch.to_full_scale[-1]
         conv = head[1].conv
         torch.nn.init.zeros_(conv.weight)
@@ -187,18 +253,19 @@ def test_label_wise_discriminator_structure_and_inputs():
     torch.manual_seed(0)
     n = 4
     discriminator = LabelWiseMultiScaleDiscriminator(in_channels=NUM_LABELS + 4 * n, base_filters=8).eval()
-    assert list(discriminator.discriminators) == [
-        f"{roi}_s{s}" for roi in ("background", "normal_brain", "lesion") for s in (0, 1)
-    ]
+    assert list(discriminator.discriminators) == ["background", "normal_brain", "lesion"]
+    assert all(isinstance(d, MultiScalePatchDiscriminator) for d in discriminator.discriminators.values())
     seen = {}
-    for key, module in discriminator.discriminators.items():
-        module.register_forward_pre_hook(lambda m, args, key=key: seen.update({key: args[0]}))
+    for roi, multi_scale in discriminator.discriminators.items():
+        for scale, module in enumerate(multi_scale.discriminators):
+            key = f"{roi}_s{scale}"
+            module.register_forward_pre_hook(lambda m, args, key=key: seen.update({key: args[0]}))
     mask, atlas = inputs(n, batch=2, size=32)
     images = torch.rand(2, n, 32, 32) * 2 - 1
     originals = [t.clone() for t in (mask, images, atlas)]
     outputs = discriminator(mask, images, atlas)
 
-    for original, tensor in zip(originals, (mask, images, atlas)):
+    for original, tensor in zip(originals, (mask, images, atlas), strict=True):
         assert torch.equal(original, tensor)  # the batch is never modified in place
     x = torch.cat([mask, images, atlas], dim=1)
     pool = torch.nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
@@ -228,7 +295,8 @@ def test_each_discriminator_sees_only_its_region():
     with torch.no_grad():
         before = discriminator(mask, images, atlas)
         after = discriminator(mask, changed, atlas)
-    predictions = {key: (b[-1], a[-1]) for key, b, a in zip(discriminator.discriminators, before, after)}
+    keys = [f"{roi}_s{scale}" for roi in ROI_LABELS for scale in (0, 1)]
+    predictions = {key: (b[-1], a[-1]) for key, b, a in zip(keys, before, after, strict=True)}
     for key in ("background_s0", "background_s1", "normal_brain_s0", "normal_brain_s1"):
         torch.testing.assert_close(predictions[key][0], predictions[key][1])
     for key in ("lesion_s0", "lesion_s1"):

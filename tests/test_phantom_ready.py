@@ -42,7 +42,7 @@ def test_manifest_reads_back_with_patient_level_splits(cohort):
     expected_columns += [atlas_column(s) for s in CLINICAL_SEQUENCES]
     assert list(manifest.columns) == expected_columns
     assert list(manifest["patient_id"]) == ["phantom_000", "phantom_001", "phantom_002"]
-    assert dict(zip(manifest["patient_id"], manifest["split"])) == split_patients(
+    assert dict(zip(manifest["patient_id"], manifest["split"], strict=True)) == split_patients(
         manifest["patient_id"], (0.7, 0.15, 0.15), SEED
     )
     for column in expected_columns[2:]:

@@ -45,7 +45,9 @@ def test_template_of_shifted_copies_recovers_the_image():
     shifts = [(4.0, -3.0, 0.0), (-4.0, 3.0, 2.0), (2.0, 4.0, -2.0), (-2.0, -4.0, 0.0)]  # mean zero
     subjects = [{"gd_t1w": _shifted(original, s)} for s in shifts]
     naive_mean = np.mean([np.asanyarray(s["gd_t1w"].dataobj) for s in subjects], axis=0)
-    template = build_multivariate_template(subjects, transform="Rigid", iterations=2, progress=False)["gd_t1w"]
+    template = build_multivariate_template(subjects, transform="Rigid", iterations=2, progress=False)[
+        "gd_t1w"
+    ]
     naive_corr = _corr(nib.Nifti1Image(naive_mean, original.affine), original)
     template_corr = _corr(template, original)
     # The template is on the first subject's grid, which is the original grid here.
@@ -55,14 +57,23 @@ def test_template_of_shifted_copies_recovers_the_image():
 
 def test_all_sequences_share_the_same_transform():
     original = _phantom(seed=1)
-    inverted = nib.Nifti1Image(np.where(np.asanyarray(original.dataobj) > 0, 600 - np.asanyarray(original.dataobj), 0)
-                               .astype(np.float32), original.affine)
-    subject = {"gd_t1w": _shifted(original, (3.0, -2.0, 2.0)), "t2w": _shifted(inverted, (3.0, -2.0, 2.0)),
-               "flair": _shifted(original, (3.0, -2.0, 2.0))}
+    inverted = nib.Nifti1Image(
+        np.where(np.asanyarray(original.dataobj) > 0, 600 - np.asanyarray(original.dataobj), 0).astype(
+            np.float32
+        ),
+        original.affine,
+    )
+    subject = {
+        "gd_t1w": _shifted(original, (3.0, -2.0, 2.0)),
+        "t2w": _shifted(inverted, (3.0, -2.0, 2.0)),
+        "flair": _shifted(original, (3.0, -2.0, 2.0)),
+    }
     template = {"gd_t1w": original, "t2w": inverted, "flair": original}
     warped, _files, affine, _ = register_subject_to_template(template, subject, "gd_t1w", transform="Rigid")
     # flair is a copy of gd_t1w: identical after warping only if it got exactly the same transform.
-    np.testing.assert_array_equal(np.asanyarray(warped["flair"].dataobj), np.asanyarray(warped["gd_t1w"].dataobj))
+    np.testing.assert_array_equal(
+        np.asanyarray(warped["flair"].dataobj), np.asanyarray(warped["gd_t1w"].dataobj)
+    )
     # The anatomy moved by +shift, so a template point maps to the subject point + shift (within 0.3 mm).
     np.testing.assert_allclose(affine[:3, 3], [3.0, -2.0, 2.0], atol=0.3)
     before = _corr(subject["t2w"], inverted)

@@ -20,7 +20,12 @@ def _synthetic_head(shape=(64, 64, 24), spacing=(2.5, 2.5, 5.0), seed=0):
     """Ellipsoid brain (WM core, GM shell, CSF slab), 3 % noise, and a smooth multiplicative field."""
     rng = np.random.default_rng(seed)
     centre = np.array(shape) * np.array(spacing) / 2
-    xyz = np.stack(np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing)], indexing="ij"), -1) - centre
+    xyz = (
+        np.stack(
+            np.meshgrid(*[np.arange(n) * s for n, s in zip(shape, spacing, strict=True)], indexing="ij"), -1
+        )
+        - centre
+    )
     radius = np.sqrt(((xyz / np.array([70.0, 75.0, 55.0])) ** 2).sum(-1))
     brain = radius < 1
     csf = (np.abs(xyz[..., 0]) < 6) & (np.abs(xyz[..., 1]) < 20) & (np.abs(xyz[..., 2]) < 15)
@@ -64,7 +69,9 @@ def test_phantom_white_matter_becomes_homogeneous(phantom_raw_patient):  # noqa:
         white_matter = truth_on_grid(truth / f"wm_{sequence}.nii.gz", image) > 0
         corrected, _ = n4_correct(image, nib.Nifti1Image(brain, image.affine))
         cv_raw = coefficient_of_variation(np.asanyarray(image.dataobj).astype(float)[white_matter])
-        cv_clean = coefficient_of_variation(truth_on_grid(truth / f"{sequence}_nobias.nii.gz", image)[white_matter])
+        cv_clean = coefficient_of_variation(
+            truth_on_grid(truth / f"{sequence}_nobias.nii.gz", image)[white_matter]
+        )
         cv_corrected = coefficient_of_variation(np.asanyarray(corrected.dataobj)[white_matter])
         assert cv_corrected <= 0.7 * cv_raw, (sequence, cv_raw, cv_corrected)
         # "Approaches the bias-free image": closes more than half of the gap.
@@ -75,12 +82,15 @@ def test_dict_transform_and_input_checks():
     clean, field, brain, _, affine = _synthetic_head(shape=(32, 32, 12), spacing=(5.0, 5.0, 10.0))
     image = nib.Nifti1Image((clean * field).astype(np.float32), affine)
     mask = nib.Nifti1Image(brain.astype(np.uint8), affine)
-    out = N4BiasCorrectiond(keys=["t2w"], mask_key="brain_mask", bias_key_postfix="_bias", iterations=(20, 20))(
-        {"t2w": image, "brain_mask": mask}
-    )
+    out = N4BiasCorrectiond(
+        keys=["t2w"], mask_key="brain_mask", bias_key_postfix="_bias", iterations=(20, 20)
+    )({"t2w": image, "brain_mask": mask})
     assert set(out) == {"t2w", "brain_mask", "t2w_bias"}
     np.testing.assert_allclose(
-        np.asanyarray(out["t2w"].dataobj) * np.asanyarray(out["t2w_bias"].dataobj), clean * field, rtol=1e-4, atol=1e-3
+        np.asanyarray(out["t2w"].dataobj) * np.asanyarray(out["t2w_bias"].dataobj),
+        clean * field,
+        rtol=1e-4,
+        atol=1e-3,
     )
     shifted = affine.copy()
     shifted[0, 3] += 3.0
@@ -92,3 +102,33 @@ def test_dict_transform_and_input_checks():
     bad[3, 3, 3] = np.inf
     with pytest.raises(InputDataError, match="NaN/inf"):
         n4_correct(nib.Nifti1Image(bad, affine), mask)
+
+
+def test_preprocessing_transforms_join_a_monai_chain(tmp_path):
+    """After LoadImaged the volumes are MetaTensors: N4 and Nyul standardization take and return them,
+    with the same voxels as on NIfTI images."""
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, LoadImaged
+
+    from preprocessing.standardize import NyulLandmarks, NyulStandardized, NyulStandardizer
+
+    clean, field, brain, _, affine = _synthetic_head(shape=(32, 32, 12), spacing=(5.0, 5.0, 10.0))
+    image = nib.Nifti1Image((clean * field).astype(np.float32), affine)
+    mask = nib.Nifti1Image(brain.astype(np.uint8), affine)
+    nib.save(image, tmp_path / "t2w.nii.gz")
+    nib.save(mask, tmp_path / "brain_mask.nii.gz")
+    model = NyulStandardizer(sequence="t2w").fit([image], [mask])
+    landmarks = NyulLandmarks([model])
+    chain = Compose(
+        [
+            LoadImaged(["t2w", "brain_mask"], image_only=True, ensure_channel_first=True),
+            N4BiasCorrectiond(["t2w"], mask_key="brain_mask", iterations=(20, 20)),
+            NyulStandardized(["t2w"], landmarks=landmarks, mask_key="brain_mask"),
+        ]
+    )
+    out = chain({"t2w": str(tmp_path / "t2w.nii.gz"), "brain_mask": str(tmp_path / "brain_mask.nii.gz")})
+    assert isinstance(out["t2w"], MetaTensor) and out["t2w"].shape == (1, *brain.shape)
+    np.testing.assert_allclose(out["t2w"].affine.numpy(), affine, atol=1e-5)
+    corrected, _ = n4_correct(image, mask, iterations=(20, 20))
+    expected = np.asanyarray(model(corrected, mask).dataobj)
+    np.testing.assert_allclose(out["t2w"][0].numpy(), expected, rtol=1e-5, atol=1e-4)

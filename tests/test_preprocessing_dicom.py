@@ -98,7 +98,13 @@ def write_series(
             with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)
             path.unlink()
-    return {"row": row_cos, "col": col_cos, "normal": normal, "origin": np.asarray(origin), "spacing": spacing}
+    return {
+        "row": row_cos,
+        "col": col_cos,
+        "normal": normal,
+        "origin": np.asarray(origin),
+        "spacing": spacing,
+    }
 
 
 def _volume(shape=(12, 10, 6), seed=0) -> np.ndarray:
@@ -154,7 +160,12 @@ def test_fit_spacing_places_slices_closer_to_their_positions(dicom_dir):
 def test_oblique_gzipped_shuffled_series_geometry_and_rescale(tmp_path, caplog):
     volume = _volume()
     truth = write_series(
-        tmp_path / "exam", volume, rotation=_rotation(0.3, -0.2, 0.5), slope=0.5, intercept=-100.0, gzip_every=2
+        tmp_path / "exam",
+        volume,
+        rotation=_rotation(0.3, -0.2, 0.5),
+        slope=0.5,
+        intercept=-100.0,
+        gzip_every=2,
     )
     with caplog.at_level(logging.DEBUG):
         image, sidecar = read_dicom_series(tmp_path / "exam")
@@ -215,7 +226,9 @@ def test_inconsistent_orientation_is_refused(tmp_path):
 
 def test_several_series_selection_and_ambiguity(tmp_path):
     write_series(tmp_path / "exam", _volume(seed=2), series_number=3, description="t1_axial")
-    write_series(tmp_path / "exam", _volume(shape=(12, 10, 4), seed=3), series_number=7, description="flair_ax")
+    write_series(
+        tmp_path / "exam", _volume(shape=(12, 10, 4), seed=3), series_number=7, description="flair_ax"
+    )
     infos = list_series(tmp_path / "exam")
     assert [(s.series_number, s.series_description, s.n_files) for s in infos] == [
         (3, "t1_axial", 6),
@@ -236,8 +249,15 @@ def test_convert_series_writes_nifti_and_clean_json(tmp_path, caplog):
     write_series(tmp_path / "exam", _volume(shape=(12, 10, 4), seed=5), series_number=7, description="flair")
     with caplog.at_level(logging.DEBUG):
         paths = convert_series(tmp_path / "exam", tmp_path / "out")
-    assert [p.name for p in paths] == ["3_t1_axial_post.nii.gz", "3_t1_axial_post.json", "7_flair.nii.gz", "7_flair.json"]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(p.name for p in paths)  # no temp left
+    assert [p.name for p in paths] == [
+        "3_t1_axial_post.nii.gz",
+        "3_t1_axial_post.json",
+        "7_flair.nii.gz",
+        "7_flair.json",
+    ]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
+        p.name for p in paths
+    )  # no temp left
     np.testing.assert_array_equal(np.asanyarray(nib.load(paths[0]).dataobj), volume.astype(np.uint16))
     sidecar_text = paths[1].read_text()
     assert json.loads(sidecar_text)["SeriesNumber"] == 3

@@ -44,7 +44,10 @@ def test_discover_exam_maps_aliases_and_ignores_truth(tmp_path):
     assert exam.patient_id == "case_01"
     assert list(exam.sequences) == ["t1w", "gd_t1w", "t2w", "flair"]
     assert exam.sequences["t1w"].is_dir() and exam.label is None
-    assert discover_exam(patient, label_globs=("truth/label.nii.gz",)).label == patient / "truth" / "label.nii.gz"
+    assert (
+        discover_exam(patient, label_globs=("truth/label.nii.gz",)).label
+        == patient / "truth" / "label.nii.gz"
+    )
 
 
 def test_discover_exam_errors_name_the_patient(tmp_path):
@@ -85,7 +88,9 @@ def test_coregister_dict_transform_aligns_keys_to_the_reference():
     shape = (40, 44, 30)
     grid = np.stack(np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij"))
     inside = np.sum((grid / np.array([15, 17, 12])[:, None, None, None]) ** 2, axis=0) < 1
-    data = np.where(inside, 300 + 100 * ndi.gaussian_filter(rng.normal(size=shape), 1.5) * 5, 0).astype(np.float32)
+    data = np.where(inside, 300 + 100 * ndi.gaussian_filter(rng.normal(size=shape), 1.5) * 5, 0).astype(
+        np.float32
+    )
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
     affine[:3, 3] = -(np.array(shape) - 1)
     fixed = nib.Nifti1Image(data, affine)
@@ -104,7 +109,9 @@ def _copy_step(source, calls):
     def compute(step_dir):
         calls.append(1)
         data = np.asanyarray(nib.load(source).dataobj) * 2
-        return {"doubled": save_nifti(data, np.eye(4), step_dir / "doubled.nii.gz")}, {"sum": float(data.sum())}
+        return {"doubled": save_nifti(data, np.eye(4), step_dir / "doubled.nii.gz")}, {
+            "sum": float(data.sum())
+        }
 
     return compute
 
@@ -183,8 +190,11 @@ def test_tcga_exam_whole_pipeline(tcga_dir, tmp_path):
         np.testing.assert_allclose(img.affine, reference.affine, atol=1e-4)
     mask = np.asanyarray(nib.load(out / f"{pid}_brainmask.nii.gz").dataobj) > 0
     expected = np.asanyarray(nib.load(tcga_dir / "t1c_brainmask_reference.nii.gz").dataobj) > 0
-    dice = float(compute_dice(torch.as_tensor(mask[None, None]), torch.as_tensor(expected[None, None]),
-                              include_background=True))
+    dice = float(
+        compute_dice(
+            torch.as_tensor(mask[None, None]), torch.as_tensor(expected[None, None]), include_background=True
+        )
+    )
     assert dice >= 0.95, dice
     # Registration quality: the co-registered T2w agrees with the Gd-T1w inside the brain far better
     # than the header-only alignment does (normalized mutual information is contrast independent).

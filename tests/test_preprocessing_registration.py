@@ -46,8 +46,12 @@ def test_registration_recovers_known_rigid_transform_within_one_voxel():
     truth = rigid_matrix((4.0, -3.0, 6.0), (5.0, -4.0, 3.0))  # fixed point -> moving point is inv(truth)
     moving_grid = _grid((60, 70, 50), (2.2, 2.2, 2.4), rotation_deg=(0, 0, 10))
     moving = resample_to_reference(world, moving_grid, truth)
-    moving = nib.Nifti1Image(np.where(np.asanyarray(moving.dataobj) > 0, 800 - np.asanyarray(moving.dataobj), 0)
-                             .astype(np.float32), moving.affine)
+    moving = nib.Nifti1Image(
+        np.where(np.asanyarray(moving.dataobj) > 0, 800 - np.asanyarray(moving.dataobj), 0).astype(
+            np.float32
+        ),
+        moving.affine,
+    )
     result = register_to_reference(moving, fixed, transform="rigid", seed=3)
     inside = np.argwhere(np.asanyarray(fixed.dataobj) > 0)
     points = nib.affines.apply_affine(fixed.affine, inside)
@@ -89,14 +93,18 @@ def test_nearest_neighbour_keeps_labels_integer():
     labels[5:15, 5:15, 3:7] = 4
     labels[8:12, 8:12, 4:6] = 2
     img = nib.Nifti1Image(labels, np.diag([2.0, 2.0, 3.0, 1.0]))
-    out = resample_to_reference(img, _grid((30, 30, 12), (1.5, 1.5, 2.5)), None, interpolation="nearestNeighbor")
+    out = resample_to_reference(
+        img, _grid((30, 30, 12), (1.5, 1.5, 2.5)), None, interpolation="nearestNeighbor"
+    )
     assert np.asanyarray(out.dataobj).dtype == np.uint8
     assert set(np.unique(np.asanyarray(out.dataobj))) <= {0, 2, 4}
 
 
 def test_transform_files_round_trip(tmp_path):
     matrix = rigid_matrix((5.0, -7.0, 12.0), (3.0, 1.0, -9.0), center=(10.0, -20.0, 5.0))
-    np.testing.assert_allclose(read_ants_affine(write_ants_affine(matrix, tmp_path / "a.mat")), matrix, atol=1e-6)
+    np.testing.assert_allclose(
+        read_ants_affine(write_ants_affine(matrix, tmp_path / "a.mat")), matrix, atol=1e-6
+    )
     paths = save_transform(matrix, tmp_path / "t2w_to_aptw")
     np.testing.assert_allclose(load_transform(paths["json"]), matrix, atol=1e-12)
     np.testing.assert_allclose(load_transform(paths["mat"]), matrix, atol=1e-6)

@@ -32,8 +32,13 @@ def cohort(tmp_path_factory):
     shutil.copy(raw / "phantom_000" / "gd_t1w.nii.gz", bad / "gd_t1w.nii.gz")
     (bad / "t2w.nii.gz").write_bytes(b"this is not a NIfTI file")
     out = tmp_path_factory.mktemp("out")
-    config = CohortConfig(pipeline=PipelineConfig(label_globs=("truth/label.nii.gz",)), split_fractions=(0.5, 0.5, 0.0),
-                          workers=2, atlas_iterations=1, progress=False)
+    config = CohortConfig(
+        pipeline=PipelineConfig(label_globs=("truth/label.nii.gz",)),
+        split_fractions=(0.5, 0.5, 0.0),
+        workers=2,
+        atlas_iterations=1,
+        progress=False,
+    )
     result = run_cohort(raw, out, config)
     return raw, out, config, result
 
@@ -47,23 +52,42 @@ def test_cohort_outputs_and_manifest(cohort):
     manifest = read_manifest(result.manifest)
     assert sorted(manifest["patient_id"]) == ["phantom_000", "phantom_001"]
     assert set(manifest["split"]) <= {"train", "val", "test"} and "train" in set(manifest["split"])
-    for column in ("t1w", "gd_t1w", "t2w", "flair", "aptw", "label", "brain_mask", "atlas_gd_t1w", "atlas_aptw"):
+    for column in (
+        "t1w",
+        "gd_t1w",
+        "t2w",
+        "flair",
+        "aptw",
+        "label",
+        "brain_mask",
+        "atlas_gd_t1w",
+        "atlas_aptw",
+    ):
         for path in manifest[column]:
             img = nib.load(path)
             assert img.shape == SHAPE, (column, img.shape)
-            np.testing.assert_allclose(img.affine, nib.load(raw / "phantom_000" / "aptw.nii.gz").affine
-                                       if "phantom_000" in path else img.affine)
+            np.testing.assert_allclose(
+                img.affine,
+                nib.load(raw / "phantom_000" / "aptw.nii.gz").affine if "phantom_000" in path else img.affine,
+            )
     row = manifest.set_index("patient_id").loc["phantom_000"]
     assert row["gd_t1w"].endswith("phantom_000/phantom_000_gd_t1w.nii.gz")
     assert row["atlas_t2w"].endswith("phantom_000/phantom_000_atlas_t2w.nii.gz")
     # The carried expert label is the truth label, unchanged (it already lies on the APTw grid).
-    np.testing.assert_array_equal(np.asanyarray(nib.load(row["label"]).dataobj),
-                                  np.asanyarray(nib.load(raw / "phantom_000" / "truth" / "label.nii.gz").dataobj))
+    np.testing.assert_array_equal(
+        np.asanyarray(nib.load(row["label"]).dataobj),
+        np.asanyarray(nib.load(raw / "phantom_000" / "truth" / "label.nii.gz").dataobj),
+    )
     # Standardized sequences are zero outside the brain mask.
     mask = np.asanyarray(nib.load(row["brain_mask"]).dataobj) > 0
     assert not np.any(np.asanyarray(nib.load(row["t2w"]).dataobj)[~mask])
     assert (out / "atlas" / "atlas_gd_t1w.nii.gz").is_file()
-    assert json.loads((out / "nyul_landmarks.json").read_text())["sequences"].keys() == {"t1w", "gd_t1w", "t2w", "flair"}
+    assert json.loads((out / "nyul_landmarks.json").read_text())["sequences"].keys() == {
+        "t1w",
+        "gd_t1w",
+        "t2w",
+        "flair",
+    }
     assert (out / "qc" / "index.html").is_file() and (out / "qc" / "phantom_000_montage.png").is_file()
 
 
@@ -79,16 +103,23 @@ def test_brain_mask_and_registration_against_phantom_truth(cohort):
         spacing = np.asarray(ref.header.get_zooms()[:3])
         points = nib.affines.apply_affine(ref.affine, np.argwhere(mask_true))
         for sequence in ("t1w", "gd_t1w", "t2w", "flair"):
-            estimated = np.asarray(json.loads((out / pid / "work" / "register" / f"{sequence}_to_aptw.json")
-                                              .read_text())["fixed_to_moving"])
+            estimated = np.asarray(
+                json.loads((out / pid / "work" / "register" / f"{sequence}_to_aptw.json").read_text())[
+                    "fixed_to_moving"
+                ]
+            )
             expected = np.linalg.inv(np.asarray(truth[sequence]["to_reference"]))
             delta = (np.c_[points, np.ones(len(points))] @ (estimated - expected).T)[:, :3]
             error_vox = np.linalg.norm(delta / spacing, axis=1)
             # The test cohort is 4x coarser than the papers' (3.3 x 3.3 x 4.4 mm slab, 4 x 4 x 4.8 mm
             # anatomical voxels), so the edge of the brain may reach just over one voxel; the <= 1 voxel
             # acceptance at full size is measured by benchmarks/bench_preprocessing.py.
-            assert error_vox.mean() <= 0.6 and error_vox.max() <= 1.25, (pid, sequence, error_vox.mean(),
-                                                                         error_vox.max())
+            assert error_vox.mean() <= 0.6 and error_vox.max() <= 1.25, (
+                pid,
+                sequence,
+                error_vox.mean(),
+                error_vox.max(),
+            )
 
 
 def test_failure_is_isolated_and_listed(cohort):
@@ -121,6 +152,8 @@ def test_cli_exit_code_is_nonzero_when_a_patient_fails(tmp_path, cohort):
     raw, _, _, _ = cohort
     only_bad = tmp_path / "raw"
     shutil.copytree(raw / "broken_patient", only_bad / "broken_patient")
-    code = main(["run", "--input", str(only_bad), "--output", str(tmp_path / "out"), "--no-progress", "--no-qc"])
+    code = main(
+        ["run", "--input", str(only_bad), "--output", str(tmp_path / "out"), "--no-progress", "--no-qc"]
+    )
     assert code == 1
     assert "broken_patient" in json.loads((tmp_path / "out" / "failures.json").read_text())["failures"]

@@ -1,4 +1,5 @@
-"""Skull stripping with deepbet: real glioma exam vs a reference mask, phantom ground truth, post-processing."""
+"""Skull stripping with deepbet: real glioma exam vs a reference mask, phantom ground truth,
+post-processing."""
 
 from __future__ import annotations
 
@@ -24,7 +25,9 @@ def phantom_raw_patient(tmp_path_factory):
     phantom = pytest.importorskip("medsynth.data.phantom")
     out_dir = tmp_path_factory.getbasetemp() / "preprocessing_phantom_raw"
     # Resumable generator: a second caller (another test file) reuses the finished patient.
-    phantom.generate_phantom_cohort(out_dir, 1, seed=3, layout="raw", shape=(64, 64, 15), raw_scale=2.0, progress=False)
+    phantom.generate_phantom_cohort(
+        out_dir, 1, seed=3, layout="raw", shape=(64, 64, 15), raw_scale=2.0, progress=False
+    )
     return out_dir / "phantom_000"
 
 
@@ -45,7 +48,10 @@ def test_tcga_gd_t1w_matches_reference_mask(tcga_dir):
 @pytest.mark.slow
 def test_phantom_brain_masks_match_ground_truth(phantom_raw_patient):
     # T1w comes from the DICOM series (other voxel order than the truth NIfTI), FLAIR from NIfTI.
-    for sequence, source in (("t1w", phantom_raw_patient / "t1w"), ("flair", phantom_raw_patient / "flair.nii.gz")):
+    for sequence, source in (
+        ("t1w", phantom_raw_patient / "t1w"),
+        ("flair", phantom_raw_patient / "flair.nii.gz"),
+    ):
         image = load_image(source)
         mask = extract_brain(image)
         truth = truth_on_grid(phantom_raw_patient / "truth" / f"brain_mask_{sequence}.nii.gz", image)

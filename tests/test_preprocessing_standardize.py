@@ -166,4 +166,3 @@ def test_bad_inputs_are_refused(training):
         NyulStandardizer(percentiles=(1, 50, 50, 99))
     with pytest.raises(ValueError, match="unknown sequence"):
         NyulStandardizer(sequence="dwi")
-

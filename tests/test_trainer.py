@@ -1,4 +1,5 @@
-"""SynthesisGANTrainer: learning on a fixed batch, the learning-rate schedule, exact resume."""
+"""The adversarial engine and SynthesisGANTrainer: learning on a fixed batch, phases and their events,
+mixed precision, the learning-rate schedule, exact resume."""
 
 from __future__ import annotations
 
@@ -6,20 +7,31 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Events
-from monai.handlers import CheckpointSaver, LrScheduleHandler
+from monai.handlers import CheckpointSaver
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medsynth.engines import (
-    LinearDecay,
+    BatchCall,
+    CheckpointPruner,
     ResumeCheckpointLoader,
     SynthesisEvaluator,
     SynthesisGANTrainer,
     SynthesisQualityMetric,
-    CheckpointPruner,
     checkpoints_by_epoch,
+    linear_decay_schedule,
 )
-from medsynth.losses import ConfidenceMapLoss, FeatureMatchingLoss, LeastSquaresAdversarialLoss, ShapeConsistencyLoss
-from medsynth.networks import CGSAMRGenerator, LabelWiseMultiScaleDiscriminator, SAMRGenerator, make_lesion_unet
+from medsynth.losses import (
+    ConfidenceMapLoss,
+    FeatureMatchingLoss,
+    LeastSquaresAdversarialLoss,
+    ShapeConsistencyLoss,
+)
+from medsynth.networks import (
+    CGSAMRGenerator,
+    LabelWiseMultiScaleDiscriminator,
+    SAMRGenerator,
+    make_lesion_unet,
+)
 
 SIZE, N = 32, 3
 
@@ -79,13 +91,17 @@ def _parts(generator_class=CGSAMRGenerator, seed: int = 0) -> dict:
 
 def _record_outputs(trainer: SynthesisGANTrainer) -> list[dict]:
     history: list[dict] = []
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: history.append(dict(engine.state.output)))
+    trainer.add_event_handler(
+        Events.ITERATION_COMPLETED, lambda engine: history.append(dict(engine.state.output))
+    )
     return history
 
 
 @pytest.mark.parametrize("generator_class", [CGSAMRGenerator, SAMRGenerator])
 def test_losses_fall_on_a_fixed_batch(generator_class):
-    batch = {key: torch.stack([item[key] for item in _items(4)]) for key in ("mask", "atlas", "image", "label")}
+    batch = {
+        key: torch.stack([item[key] for item in _items(4)]) for key in ("mask", "atlas", "image", "label")
+    }
     iterations = 40
     parts = _parts(generator_class)
     trainer = SynthesisGANTrainer("cpu", max_epochs=1, train_data_loader=[batch] * iterations, **parts)
@@ -127,14 +143,73 @@ def test_generator_improves_ssim_on_its_training_slices():
     assert list(table.columns) == ["Edema", "Cavity", "Tumor", "SSIM", "PSNR"]
 
 
+def _lr_sequence(scheduler_factory, epochs: int) -> list[float]:
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = scheduler_factory(optimizer)
+    rates = []
+    for _ in range(epochs + 1):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
 def test_linear_decay_schedule():
-    decay = LinearDecay(num_epochs=10, decay_start_epoch=6)
-    assert [decay(e) for e in range(6)] == [1.0] * 6
-    assert decay(8) == pytest.approx(0.5)
-    assert decay(10) == 0.0
-    assert LinearDecay(4)(2) == 1.0 and LinearDecay(4)(3) == pytest.approx(0.5)
+    rates = _lr_sequence(lambda opt: linear_decay_schedule(opt, num_epochs=10, decay_start_epoch=6), 10)
+    assert rates[:7] == [1.0] * 7  # exactly constant for the first 6 completed epochs
+    assert rates[8] == pytest.approx(0.5) and rates[10] == pytest.approx(0.0, abs=1e-12)
+    assert _lr_sequence(lambda opt: linear_decay_schedule(opt, 4), 3) == pytest.approx([1.0, 1.0, 1.0, 0.5])
+    assert _lr_sequence(lambda opt: linear_decay_schedule(opt, 4, 0), 2) == pytest.approx([1.0, 0.75, 0.5])
+    assert _lr_sequence(lambda opt: linear_decay_schedule(opt, 3, 3), 3) == [1.0] * 4
     with pytest.raises(ValueError, match="decay_start_epoch"):
-        LinearDecay(4, 5)
+        linear_decay_schedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 4, 5)
+
+
+def test_phases_fire_their_events_in_order_and_calls_choose_the_inputs():
+    batch = {
+        key: torch.stack([item[key] for item in _items(2)]) for key in ("mask", "atlas", "image", "label")
+    }
+    parts = _parts(SAMRGenerator)
+    seen_by_segmenter = []
+
+    def segmenter_call(network, batch, **replacements):
+        seen_by_segmenter.append("fake" if "image" in replacements else "real")
+        return BatchCall(("image",))(network, batch, **replacements)
+
+    trainer = SynthesisGANTrainer(
+        "cpu", max_epochs=1, train_data_loader=[batch] * 2, segmenter_call=segmenter_call, **parts
+    )
+    events = []
+    for phase in SynthesisGANTrainer.phases:
+        trainer.add_event_handler(
+            trainer.phase_event(phase), lambda engine: events.append(engine.state.phase)
+        )
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: events.append("iteration"))
+    trainer.run()
+    assert events == ["generator", "discriminator", "segmenter", "iteration"] * 2
+    # Generator step: fake (with gradients) then real (no gradients); U-Net step: real then detached fake.
+    assert seen_by_segmenter == ["fake", "real", "real", "fake"] * 2
+    with pytest.raises(KeyError, match="not inputs"):
+        BatchCall(("mask", "atlas"))(parts["generator"], batch, image=batch["image"])
+
+
+def test_bf16_mixed_precision_runs_through_the_workflow_amp_on_cpu():
+    batch = {
+        key: torch.stack([item[key] for item in _items(2)]) for key in ("mask", "atlas", "image", "label")
+    }
+    parts = _parts(CGSAMRGenerator)
+    dtypes = []
+    parts["generator"].register_forward_hook(
+        lambda module, args, output: dtypes.append(output["images"].dtype)
+    )
+    trainer = SynthesisGANTrainer("cpu", max_epochs=1, train_data_loader=[batch] * 3, amp=True, **parts)
+    history = _record_outputs(trainer)
+    trainer.run()
+    assert trainer.amp and trainer.amp_kwargs == {"dtype": torch.bfloat16} and trainer.grad_scaler is None
+    assert torch.bfloat16 in dtypes  # the forward passes ran under bf16 autocast
+    assert all(np.isfinite(list(step.values())).all() for step in history)
+    # Weights stay float32: autocast changes the compute type, not the parameters.
+    assert all(p.dtype == torch.float32 for p in parts["generator"].parameters())
 
 
 def _resumable_run(tmp_path, max_epochs: int, stop_after: int | None, init_seed: int) -> dict:
@@ -143,22 +218,22 @@ def _resumable_run(tmp_path, max_epochs: int, stop_after: int | None, init_seed:
     dataset = _items(6)
     sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=3)
     loader = DataLoader(dataset, batch_size=2, sampler=sampler)
-    schedulers = {
-        f"{name}_scheduler": torch.optim.lr_scheduler.LambdaLR(parts[f"{name}_optimizer"], LinearDecay(max_epochs, 1))
-        for name in ("g", "d", "u")
-    }
     trainer = SynthesisGANTrainer(
         "cpu",
         max_epochs=max_epochs,
         train_data_loader=loader,
-        train_handlers=[LrScheduleHandler(s, print_lr=False) for s in schedulers.values()],
+        lr_schedule=lambda optimizer: linear_decay_schedule(optimizer, max_epochs, 1),
         **parts,
     )
-    objects = {
-        "trainer": trainer,
-        **{k: parts[k] for k in ("generator", "discriminator", "segmenter", "confidence_loss")},
-        **{k: parts[k] for k in ("g_optimizer", "d_optimizer", "u_optimizer")},
-        **schedulers,
+    objects = trainer.checkpoint_objects
+    assert set(objects) == {
+        "trainer",
+        *("generator", "discriminator", "segmenter", "confidence_loss"),
+        *(
+            f"{name}_{kind}"
+            for name in ("generator", "discriminator", "segmenter")
+            for kind in ("optimizer", "scheduler")
+        ),
     }
     ResumeCheckpointLoader(str(tmp_path), objects).attach(trainer)
     CheckpointSaver(str(tmp_path), objects, save_interval=1, n_saved=2).attach(trainer)
@@ -166,9 +241,11 @@ def _resumable_run(tmp_path, max_epochs: int, stop_after: int | None, init_seed:
     if stop_after is not None:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=stop_after), lambda engine: engine.terminate())
     batches = []
-    trainer.add_event_handler(Events.ITERATION_STARTED, lambda e: batches.append(e.state.batch["slice_index"].tolist()))
+    trainer.add_event_handler(
+        Events.ITERATION_STARTED, lambda e: batches.append(e.state.batch["slice_index"].tolist())
+    )
     trainer.run()
-    return {"trainer": trainer, "batches": batches, **parts, **schedulers}
+    return {"trainer": trainer, "batches": batches, **parts}
 
 
 def test_exact_resume(tmp_path):
@@ -194,8 +271,15 @@ def test_exact_resume(tmp_path):
         assert expected.keys() == actual.keys()
         for key in expected:
             assert torch.equal(expected[key], actual[key]), f"{name}.{key} differs after resume"
-    assert second["g_scheduler"].get_last_lr() == straight["g_scheduler"].get_last_lr()
-    assert second["g_optimizer"].state_dict()["state"][0]["step"] == straight["g_optimizer"].state_dict()["state"][0]["step"]
+    assert (
+        second["trainer"].schedulers["generator"].get_last_lr()
+        == straight["trainer"].schedulers["generator"].get_last_lr()
+    )
+    assert second["trainer"].schedulers["generator"].get_last_lr() == [pytest.approx(0.0, abs=1e-12)]
+    assert (
+        second["g_optimizer"].state_dict()["state"][0]["step"]
+        == straight["g_optimizer"].state_dict()["state"][0]["step"]
+    )
 
 
 def test_checkpoint_pruner_keeps_the_newest_of_the_current_run(tmp_path):

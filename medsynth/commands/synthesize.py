@@ -6,9 +6,9 @@ import argparse
 import logging
 from pathlib import Path
 
-logger = logging.getLogger(__name__)
+from medsynth.constants import MANIPULATIONS
 
-MANIPULATIONS = ("none", "mirror", "grow", "shrink", "transplant", "random")
+logger = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,11 +21,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the mask. Outputs are NIfTI files in the geometry of each input label map."
         ),
     )
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/cg_samr"), help="bundle folder (default: %(default)s)")
-    parser.add_argument("--output-dir", default=None, help="the training output folder holding models/model.pt")
-    parser.add_argument("--checkpoint", default=None, help="weights file (default: OUTPUT_DIR/models/model.pt)")
-    parser.add_argument("--dataset-dir", default=None, help="dataset of the cohort mode (default: the phantom cohort)")
-    parser.add_argument("--splits", nargs="*", default=None, help="splits of the cohort to synthesize (default: all)")
+    parser.add_argument(
+        "--bundle", type=Path, default=Path("bundles/cg_samr"), help="bundle folder (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--output-dir", default=None, help="the training output folder holding models/model.pt"
+    )
+    parser.add_argument(
+        "--checkpoint", default=None, help="weights file (default: OUTPUT_DIR/models/model.pt)"
+    )
+    parser.add_argument(
+        "--dataset-dir", default=None, help="dataset of the cohort mode (default: the phantom cohort)"
+    )
+    parser.add_argument(
+        "--splits", nargs="*", default=None, help="splits of the cohort to synthesize (default: all)"
+    )
     parser.add_argument("--mask-file", default=None, help="one label map NIfTI (0..4)")
     parser.add_argument("--atlas-dir", default=None, help="atlas NIfTIs on the grid of --mask-file")
     parser.add_argument("--manipulation", choices=MANIPULATIONS, default="none")
@@ -36,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         nargs="*",
         default=[],
         metavar="ID=VALUE",
-        help="other config overrides, e.g. image_size=256 num_res_blocks=9 (values parsed as JSON when possible)",
+        help="other config overrides, e.g. image_size=256 num_res_blocks=9 (values read as JSON if possible)",
     )
     parser.set_defaults(func=run_synthesize)
 
@@ -45,7 +55,15 @@ def _overrides(args: argparse.Namespace) -> dict:
     import json
 
     overrides = {}
-    for key in ("output_dir", "dataset_dir", "mask_file", "atlas_dir", "donor_file", "manipulation", "splits"):
+    for key in (
+        "output_dir",
+        "dataset_dir",
+        "mask_file",
+        "atlas_dir",
+        "donor_file",
+        "manipulation",
+        "splits",
+    ):
         value = getattr(args, key)
         if value is not None:
             overrides[key] = value
@@ -67,10 +85,12 @@ def _overrides(args: argparse.Namespace) -> dict:
 def run_synthesize(args: argparse.Namespace) -> int:
     from monai.bundle import run
 
-    config = args.bundle / "configs" / "inference.json"
-    if not config.is_file():
-        raise FileNotFoundError(f"not a medsynth bundle (no {config})")
+    from medsynth.utils.bundles import bundle_config_files
+
+    config_files = bundle_config_files(args.bundle, "inference")
     if args.mask_file and not args.atlas_dir:
         raise ValueError("--mask-file needs --atlas-dir")
-    run(config_file=str(config), meta_file=str(args.bundle / "configs" / "metadata.json"), **_overrides(args))
+    run(
+        config_file=config_files, meta_file=str(args.bundle / "configs" / "metadata.json"), **_overrides(args)
+    )
     return 0

@@ -15,13 +15,12 @@ interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -30,6 +29,7 @@ from tqdm.auto import tqdm
 
 from medsynth.constants import (
     BACKGROUND,
+    BRAIN_MASK_THRESHOLD,
     BRATS_SEG_TO_LABEL,
     BRATS_SEQUENCES,
     CLINICAL_SEQUENCES,
@@ -47,9 +47,11 @@ from medsynth.data.manifest import (
     split_patients,
     write_manifest,
 )
-from medsynth.data.validation import BRAIN_MASK_THRESHOLD, grid_problem, unique_values
+from medsynth.data.validation import grid_problem
 from medsynth.errors import CohortValidationError, InputDataError
+from medsynth.utils.hashing import file_digest, files_fingerprint, parts_digest
 from medsynth.utils.io import save_json, save_nifti
+from medsynth.utils.labels import unique_values
 
 logger = logging.getLogger(__name__)
 
@@ -99,27 +101,12 @@ def _safe_name(patient_id: str) -> str:
     return patient_id
 
 
-def _short_hash(*parts: object) -> str:
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()[:12]
-
-
 def _is_up_to_date(derived: Sequence[Path], sources: Sequence[str | os.PathLike]) -> bool:
     """Whether every derived file exists and is newer than every source (else it is derived again)."""
     if not all(Path(p).is_file() for p in derived):
         return False
     newest_source = max(os.stat(s).st_mtime_ns for s in sources)
     return min(Path(p).stat().st_mtime_ns for p in derived) >= newest_source
-
-
-def _sources_fingerprint(paths: Sequence[str | os.PathLike]) -> str:
-    parts = []
-    for path in sorted(str(p) for p in paths):
-        try:
-            stat = os.stat(path)
-            parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
-        except OSError:  # reported with its patient by the grid check that follows
-            parts.append(f"{path}:missing")
-    return _short_hash(*parts)
 
 
 def _load_volume(path: str | os.PathLike) -> tuple[np.ndarray, nib.spatialimages.SpatialImage]:
@@ -168,7 +155,7 @@ def build_group_atlas(
     sources = [patients[p][s] for p in patients for s in sequences] + [brain_masks[p] for p in patients]
     record = {
         "patients": sorted(patients),
-        "sources": _sources_fingerprint(sources) if patients else "",
+        "sources": files_fingerprint(sorted(str(p) for p in sources), length=12) if patients else "",
         "sequences": list(sequences),
         "normalisation_percentile": {s: ATLAS_NORMALISATION_PERCENTILE.get(s, 99.5) for s in sequences},
     }
@@ -532,13 +519,11 @@ def _brain_mask_from_label(row: Mapping[str, str], out_dir: Path) -> Path:
 def user_csv_fingerprint(csv_path: str | os.PathLike, seed: int, split_fractions: Sequence[float]) -> str:
     """Names the derived-files folder of a user CSV (location, content, seed, fractions)."""
     csv_path = Path(csv_path)
-    return _short_hash(
-        csv_path.resolve(), hashlib.sha256(csv_path.read_bytes()).hexdigest(), seed, tuple(split_fractions)
-    )
+    return parts_digest(csv_path.resolve(), file_digest(csv_path), seed, tuple(split_fractions))
 
 
 def brats_fingerprint(brats_dir: str | os.PathLike, seed: int, split_fractions: Sequence[float]) -> str:
     """Names the derived-files folder of a BraTS folder (location, cases, seed, fractions)."""
-    return _short_hash(
+    return parts_digest(
         Path(brats_dir).resolve(), sorted(find_brats_cases(brats_dir)), seed, tuple(split_fractions)
     )

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import pandas as pd
 from filelock import FileLock
@@ -141,7 +141,15 @@ def resolve_cohort(
     # first one generates or derives the files, the others wait and then reuse them.
     with FileLock(str(cache_dir / ".resolve_cohort.lock")):
         return _resolve_cohort_locked(
-            dataset_dir, source, cache_dir, seed, split_fractions, phantom_patients, phantom_shape, validate, progress
+            dataset_dir,
+            source,
+            cache_dir,
+            seed,
+            split_fractions,
+            phantom_patients,
+            phantom_shape,
+            validate,
+            progress,
         )
 
 

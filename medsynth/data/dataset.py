@@ -20,13 +20,12 @@ An item (all tensors, ``H = W = image_size``, ``N`` sequences in manifest order)
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -37,46 +36,34 @@ from monai.transforms import (
     CastToTyped,
     Compose,
     ConcatItemsd,
-    CopyItemsd,
     DeleteItemsd,
     EnsureTyped,
     Lambdad,
-    LoadImaged,
-    Orientationd,
     Transposed,
     convert_to_contiguous,
 )
 from tqdm.auto import tqdm
 
 from medsynth.constants import (
+    ATLAS_NEIGHBOURS,
+    BRAIN_MASK_THRESHOLD,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
-    NUM_LABELS,
     SPLITS,
     atlas_column,
 )
 from medsynth.data.manifest import sequences_of
-from medsynth.data.validation import BRAIN_MASK_THRESHOLD
 from medsynth.transforms.intensity import ScaleToUnitd, WindowSpec, windows_for
 from medsynth.transforms.slices import FitInPlaned, axial_slice_stats, neighbour_slices, select_slices
+from medsynth.transforms.volume import load_ras, one_hot_mask, scaled_atlas
+from medsynth.utils.hashing import files_fingerprint, json_digest
 
 logger = logging.getLogger(__name__)
 
 CACHE_MODES: tuple[str, ...] = ("memory", "disk", "none")
 # Bump when the volume transforms change meaning: it is part of the disk-cache folder name.
 VOLUME_FORMAT_VERSION = 2
-ATLAS_NEIGHBOURS = 1  # slices z-1, z, z+1
 _LABEL_KEYS = (MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN)
-
-
-def _load_oriented(keys: Sequence[str]) -> list:
-    return [
-        LoadImaged(
-            keys, reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32
-        ),
-        # Explicit nibabel-style axis labels: "RAS" means +x right, +y anterior, +z superior.
-        Orientationd(keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-    ]
 
 
 def _axial_first(keys: Sequence[str]) -> list:
@@ -108,7 +95,7 @@ def patient_volume_transforms(
     keys = [*sequences, *_LABEL_KEYS]
     return Compose(
         [
-            *_load_oriented(keys),
+            *load_ras(keys),
             FitInPlaned(
                 keys,
                 image_size,
@@ -124,8 +111,7 @@ def patient_volume_transforms(
                 window_keys="window",
                 mask_key=MANIFEST_BRAIN_MASK_COLUMN,
             ),
-            CopyItemsd(MANIFEST_LABEL_COLUMN, names="mask"),
-            AsDiscreted("mask", to_onehot=NUM_LABELS, dtype=torch.uint8),
+            *one_hot_mask(MANIFEST_LABEL_COLUMN, "mask"),
             CastToTyped(MANIFEST_LABEL_COLUMN, dtype=torch.uint8),
             *_axial_first(["image", "mask", *_LABEL_KEYS]),
             EnsureTyped(["image", "window", "mask", *_LABEL_KEYS], data_type="tensor", track_meta=False),
@@ -143,14 +129,10 @@ def atlas_volume_transforms(
 
     Same scaling as the patients' images; percentile bounds use the atlas's non-zero voxels.
     """
-    keys = [atlas_column(s) for s in sequences]
     return Compose(
         [
-            *_load_oriented(keys),
-            FitInPlaned(keys, image_size, mode="area", crop_tolerance=crop_tolerance),
-            ConcatItemsd(keys, name="atlas"),
-            DeleteItemsd(keys),
-            ScaleToUnitd("atlas", windows_for(sequences, windows), window_keys="atlas_window"),
+            *load_ras([atlas_column(s) for s in sequences]),
+            *scaled_atlas(sequences, image_size, windows, crop_tolerance),
             *_axial_first(["atlas"]),
             EnsureTyped(["atlas", "atlas_window"], data_type="tensor", track_meta=False),
         ]
@@ -162,7 +144,7 @@ def slice_table(manifest: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
 
     Reads only the label maps and brain masks (RAS-oriented, on their own grid).
     """
-    loader = Compose(_load_oriented(list(_LABEL_KEYS)))
+    loader = Compose(load_ras(list(_LABEL_KEYS)))
     frames = []
     for _, row in tqdm(list(manifest.iterrows()), desc="indexing slices", disable=not progress):
         volumes = loader({key: row[key] for key in _LABEL_KEYS})
@@ -272,19 +254,6 @@ class SliceDataset(torch.utils.data.Dataset):
         }
 
 
-def _files_stamp(paths: Sequence[str]) -> str:
-    """Sizes and modification times of ``paths``: part of a disk-cache key so edited files are reprocessed."""
-    parts = []
-    for path in paths:
-        stat = os.stat(path)
-        parts.append(f"{path}:{stat.st_size}:{stat.st_mtime_ns}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
-
-
-def _config_hash(**config: Any) -> str:
-    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def make_slice_dataset(
     manifest: pd.DataFrame,
     splits: str | Sequence[str],
@@ -334,7 +303,7 @@ def make_slice_dataset(
 
     table = selected_slices(slice_table(rows, progress), slice_selection, min_brain_fraction)
     position = {pid: i for i, pid in enumerate(rows["patient_id"])}
-    slices = list(zip(table["patient_id"].map(position), table["slice_index"]))
+    slices = list(zip(table["patient_id"].map(position), table["slice_index"], strict=True))
     if not slices:
         raise ValueError(f"no slice of split(s) {split_list} passes slice_selection={slice_selection!r}")
 
@@ -347,12 +316,15 @@ def make_slice_dataset(
             {
                 "patient_id": row["patient_id"],
                 **{k: row[k] for k in (*sequences, *_LABEL_KEYS)},
-                "files_stamp": _files_stamp(files) if cache == "disk" else "",
+                "files_stamp": files_fingerprint(files) if cache == "disk" else "",
             }
         )
     for paths in atlas_sets:
         atlas_items.append(
-            {**dict(zip(atlas_keys, paths)), "files_stamp": _files_stamp(paths) if cache == "disk" else ""}
+            {
+                **dict(zip(atlas_keys, paths, strict=True)),
+                "files_stamp": files_fingerprint(paths) if cache == "disk" else "",
+            }
         )
 
     config = {
@@ -373,7 +345,7 @@ def make_slice_dataset(
         )
         recent = 0
     elif cache == "disk":
-        root = Path(cache_dir) / f"volumes_v{VOLUME_FORMAT_VERSION}_{_config_hash(**config)}"
+        root = Path(cache_dir) / f"volumes_v{VOLUME_FORMAT_VERSION}_{json_digest(config, length=12)}"
         volumes = PersistentDataset(patient_items, patient_transform, cache_dir=root / "patients")
         atlases = PersistentDataset(atlas_items, atlas_transform, cache_dir=root / "atlas")
         recent = 2 + len(atlas_sets)

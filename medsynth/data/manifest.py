@@ -10,8 +10,8 @@ Columns: ``patient_id``, ``split``, one column per sequence (``t1w``, ``gd_t1w``
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -38,7 +38,12 @@ def sequences_of(manifest: pd.DataFrame) -> tuple[str, ...]:
 
 def path_columns(sequences: Sequence[str]) -> list[str]:
     """All path columns of a manifest with these sequences."""
-    return [*sequences, MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN, *(atlas_column(s) for s in sequences)]
+    return [
+        *sequences,
+        MANIFEST_LABEL_COLUMN,
+        MANIFEST_BRAIN_MASK_COLUMN,
+        *(atlas_column(s) for s in sequences),
+    ]
 
 
 def split_patients(
@@ -56,7 +61,9 @@ def split_patients(
     if not ids:
         raise ValueError("cannot split an empty cohort")
     if len(fractions) != len(SPLITS) or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split fractions must be {len(SPLITS)} non-negative numbers, got {tuple(fractions)}")
+        raise ValueError(
+            f"split fractions must be {len(SPLITS)} non-negative numbers, got {tuple(fractions)}"
+        )
     weights = np.asarray(fractions, dtype=float) / float(sum(fractions))
     order = np.random.default_rng(seed).permutation(len(ids))
     counts = np.floor(weights * len(ids)).astype(int)
@@ -71,7 +78,7 @@ def split_patients(
         raise ValueError("the train split would be empty; give it a positive fraction")
     assignment: dict[str, str] = {}
     start = 0
-    for split, count in zip(SPLITS, counts):
+    for split, count in zip(SPLITS, counts, strict=True):
         for position in order[start : start + count]:
             assignment[ids[position]] = split
         start += count
@@ -87,7 +94,8 @@ def check_patient_level_split(manifest: pd.DataFrame) -> None:
     leaking = splits_per_patient[splits_per_patient > 1]
     if len(leaking):
         detail = {
-            pid: sorted(manifest.loc[manifest["patient_id"] == pid, "split"].unique()) for pid in leaking.index
+            pid: sorted(manifest.loc[manifest["patient_id"] == pid, "split"].unique())
+            for pid in leaking.index
         }
         raise ValueError(f"patient-level split violated: patients in more than one split: {detail}")
 

@@ -10,12 +10,11 @@ data problems are reported once, without a patient.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -23,21 +22,19 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medsynth.constants import (
+    BRAIN_MASK_THRESHOLD,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
-    NUM_LABELS,
     atlas_column,
 )
 from medsynth.data.manifest import check_patient_level_split, path_columns, sequences_of
 from medsynth.errors import CohortValidationError, InputDataError
+from medsynth.utils.geometry import AFFINE_ATOL_MM
+from medsynth.utils.hashing import files_fingerprint, parts_digest
 from medsynth.utils.io import save_json
+from medsynth.utils.labels import label_map_problem
 
 logger = logging.getLogger(__name__)
-
-AFFINE_ATOL_MM = 1e-3
-# Brain-mask voxels at or above this value are brain (masks may be 0/1, 0/255 or probabilities).
-BRAIN_MASK_THRESHOLD = 0.5
-VALID_LABELS = tuple(range(NUM_LABELS))
 
 
 def _spatial_shape(image: nib.spatialimages.SpatialImage) -> tuple[int, ...]:
@@ -168,50 +165,23 @@ def validate_patient(
     return errors
 
 
-def unique_values(data: np.ndarray) -> np.ndarray:
-    """Sorted distinct values; a counting pass for small non-negative integers (label maps), else a sort."""
-    if np.issubdtype(data.dtype, np.integer) and data.size:
-        low, high = int(data.min()), int(data.max())
-        if low >= 0 and high < 65536:
-            return np.flatnonzero(np.bincount(data.reshape(-1), minlength=high + 1))
-    return np.unique(data)
-
-
 def _label_problems(label: np.ndarray, path: str, pid: str) -> list[InputDataError]:
-    values = unique_values(label)
-    non_integer = values[values != np.round(values)]
-    if non_integer.size:
-        return [InputDataError(f"label map has non-integer values {non_integer[:5].tolist()}", path, pid)]
-    unknown = sorted(set(values.astype(np.int64).tolist()) - set(VALID_LABELS))
-    if unknown:
-        return [
-            InputDataError(
-                f"unknown label value(s) {unknown} (allowed: {list(VALID_LABELS)}: "
-                "0 background, 1 normal brain, "
-                "2 edema, 3 cavity, 4 tumour)",
-                path,
-                pid,
-            )
-        ]
-    if not np.any(values > 0):
+    problem = label_map_problem(label)
+    if problem is not None:
+        return [InputDataError(f"label map {problem}", path, pid)]
+    if not np.any(label > 0):
         return [InputDataError("label map has no brain (every voxel is background 0)", path, pid)]
     return []
 
 
 def cohort_fingerprint(manifest: pd.DataFrame) -> str:
-    """A hash of every file of the cohort (path, size, modification time): changes when any file does."""
-    digest = hashlib.sha256()
+    """A key of every file of the cohort (path, size, modification time) and of its split: changes when any
+    does."""
     columns = [c for c in path_columns(sequences_of(manifest)) if c in manifest.columns]
-    for _, row in manifest.sort_values("patient_id").iterrows():
-        digest.update(f"{row['patient_id']}|{row['split']}".encode())
-        for column in columns:
-            path = str(row[column] or "")
-            try:
-                stat = os.stat(path)
-                digest.update(f"|{column}={path}:{stat.st_size}:{stat.st_mtime_ns}".encode())
-            except OSError:
-                digest.update(f"|{column}={path}:missing".encode())
-    return digest.hexdigest()[:20]
+    rows = manifest.sort_values("patient_id")
+    assignment = [f"{row['patient_id']}|{row['split']}" for _, row in rows.iterrows()]
+    files = [str(row[column] or "") for _, row in rows.iterrows() for column in columns]
+    return parts_digest(*assignment, files_fingerprint(files, length=64), length=20)
 
 
 def validate_cohort(
@@ -267,12 +237,10 @@ def validate_cohort(
 
 
 __all__ = [
-    "AFFINE_ATOL_MM",
     "BRAIN_MASK_THRESHOLD",
     "check_shared_file",
     "cohort_fingerprint",
     "grid_problem",
-    "unique_values",
     "validate_cohort",
     "validate_patient",
 ]

@@ -1,6 +1,7 @@
-"""Training and evaluation engines of the SAMR / CG-SAMR synthesis models (MONAI / ignite)."""
+"""Training and evaluation engines (MONAI / ignite): one adversarial base and a subclass per method family."""
 
-from medsynth.engines.evaluator import SynthesisEvaluator, prepare_evaluation_batch
+from medsynth.engines.adversarial import AdversarialTrainer, unwrap
+from medsynth.engines.evaluator import SynthesisEvaluator
 from medsynth.engines.handlers import (
     BestModelSaver,
     CheckpointPruner,
@@ -13,15 +14,18 @@ from medsynth.engines.handlers import (
     latest_checkpoint,
     table_summary,
 )
-from medsynth.engines.schedules import LinearDecay
-from medsynth.engines.trainer import SynthesisGANTrainer, prepare_synthesis_batch
+from medsynth.engines.samr import SynthesisGANTrainer
+from medsynth.engines.schedules import linear_decay_schedule
+from medsynth.engines.utils import BatchCall, PrepareDictBatch
 
 __all__ = [
+    "AdversarialTrainer",
+    "BatchCall",
     "BestModelSaver",
     "CheckpointPruner",
-    "LinearDecay",
     "MetricsTableWriter",
     "PeriodicValidationHandler",
+    "PrepareDictBatch",
     "ResumeCheckpointLoader",
     "SampleGridHandler",
     "SynthesisEvaluator",
@@ -29,7 +33,7 @@ __all__ = [
     "SynthesisQualityMetric",
     "checkpoints_by_epoch",
     "latest_checkpoint",
-    "prepare_evaluation_batch",
-    "prepare_synthesis_batch",
+    "linear_decay_schedule",
     "table_summary",
+    "unwrap",
 ]

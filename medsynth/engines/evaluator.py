@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.engines import Evaluator
@@ -11,35 +11,27 @@ from monai.engines.utils import IterationEvents
 from monai.networks.utils import eval_mode
 from torch import nn
 
-from medsynth.engines.trainer import prepare_synthesis_batch
+from medsynth.engines.adversarial import unwrap
+from medsynth.engines.utils import EVALUATION_BATCH, GENERATOR_CALL, amp_autocast
 
-__all__ = ["SynthesisEvaluator", "prepare_evaluation_batch"]
-
-
-def prepare_evaluation_batch(
-    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
-) -> dict[str, Any]:
-    """The training batch (:func:`prepare_synthesis_batch`) plus ``window``, ``patient_id`` and ``slice_index``."""
-    out: dict[str, Any] = prepare_synthesis_batch(batchdata, device=device, non_blocking=non_blocking, **kwargs)
-    for key in ("window", "patient_id", "slice_index"):
-        if key in batchdata:
-            out[key] = batchdata[key]
-    return out
+__all__ = ["SynthesisEvaluator"]
 
 
 class SynthesisEvaluator(Evaluator):
     """Run the generator on every batch (eval mode, no gradients) and expose prediction and reference.
 
-    ``engine.state.output`` holds ``pred`` (B,N,H,W in [-1, 1]), ``image`` (the real images),
-    ``label``, ``mask`` and, for CG-SAMR, ``confidence``; attach
+    ``engine.state.output`` holds ``pred`` (B,N,H,W in [-1, 1]), the prepared batch (``image``, the
+    real images, ``label``, ``mask``, ...) and, for CG-SAMR, ``confidence``; attach
     :class:`~medsynth.engines.handlers.SynthesisQualityMetric` as ``key_val_metric``.
 
     Args:
         device: where the generator runs.
-        val_data_loader: loader of synthesis items (see :func:`prepare_evaluation_batch`).
-        generator: ``forward(mask, atlas) -> dict`` with ``"images"``; a DDP-wrapped generator is
-            unwrapped (evaluation never needs gradient synchronisation).
-        bf16: run under ``torch.autocast(dtype=bfloat16)`` on CUDA.
+        val_data_loader: loader of synthesis items.
+        generator: returns a dict with ``"images"``; a DDP-wrapped generator is unwrapped
+            (evaluation never needs gradient synchronisation).
+        generator_call: feeds the generator (default ``generator(mask, atlas)``).
+        prepare_batch: default: the training batch plus ``window``, ``patient_id`` and ``slice_index``.
+        amp: mixed precision (``torch.autocast`` on the device's type with ``amp_kwargs``, default bfloat16).
         Other arguments as in :class:`monai.engines.Evaluator`.
     """
 
@@ -48,13 +40,15 @@ class SynthesisEvaluator(Evaluator):
         device: str | torch.device,
         val_data_loader: Any,
         generator: nn.Module,
+        generator_call: Callable = GENERATOR_CALL,
         epoch_length: int | None = None,
         non_blocking: bool = False,
-        prepare_batch: Callable = prepare_evaluation_batch,
+        prepare_batch: Callable = EVALUATION_BATCH,
         key_val_metric: dict | None = None,
         additional_metrics: dict | None = None,
         val_handlers: Sequence | None = None,
-        bf16: bool = False,
+        amp: bool = False,
+        amp_kwargs: dict | None = None,
     ) -> None:
         super().__init__(
             device=device,
@@ -65,19 +59,17 @@ class SynthesisEvaluator(Evaluator):
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
             val_handlers=val_handlers,
+            amp=amp,
+            amp_kwargs={"dtype": torch.bfloat16} if amp_kwargs is None else amp_kwargs,
             decollate=False,
         )
-        if isinstance(generator, nn.parallel.DistributedDataParallel):
-            generator = generator.module
-        self.generator = generator
-        self.bf16 = bool(bf16)
+        self.generator = unwrap(generator)
+        self.generator_call = generator_call
 
     def _iteration(self, engine: SynthesisEvaluator, batchdata: Mapping[str, Any]) -> dict[str, Any]:
         batch = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
-        use_bf16 = engine.bf16 and torch.device(engine.state.device).type == "cuda"
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
-        with eval_mode(engine.generator), autocast:
-            outputs = engine.generator(batch["mask"], batch["atlas"])
+        with eval_mode(engine.generator), amp_autocast(engine):
+            outputs = engine.generator_call(engine.generator, batch)
         output = {"pred": outputs["images"].float(), **batch}
         if "confidence" in outputs:
             output["confidence"] = outputs["confidence"].float()

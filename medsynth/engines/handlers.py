@@ -10,8 +10,9 @@ import logging
 import math
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,8 +20,11 @@ from ignite.engine import Engine, Events
 from ignite.metrics import Metric
 from monai.handlers import CheckpointLoader, ValidationHandler
 from monai.networks.utils import eval_mode
+from torch.utils.data import default_collate
 
 from medsynth.constants import SEQUENCE_TITLES
+from medsynth.engines.adversarial import unwrap
+from medsynth.engines.utils import GENERATOR_CALL, TRAINING_BATCH
 from medsynth.utils.io import atomic_path, save_json
 
 logger = logging.getLogger(__name__)
@@ -98,7 +102,9 @@ class ResumeCheckpointLoader:
                 logger.warning("skipping unreadable checkpoint %s (%s)", path, error)
                 continue
             logger.info("resuming from %s", path)
-            CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+            CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(
+                engine
+            )
             self.loaded_path = str(path)
             return
 
@@ -121,7 +127,9 @@ class CheckpointPruner:
 
     def __init__(self, save_dir: str, keep: int = 2, prefix: str = "checkpoint") -> None:
         if keep < 2:
-            raise ValueError(f"keep at least 2 checkpoints (a kill while saving leaves one unreadable), got {keep}")
+            raise ValueError(
+                f"keep at least 2 checkpoints (a kill while saving leaves one unreadable), got {keep}"
+            )
         self.save_dir = save_dir
         self.keep = keep
         self.prefix = prefix
@@ -204,12 +212,14 @@ class BestModelSaver:
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
         with atomic_path(self.path) as tmp:
-            torch.save(_unwrap(self.network).state_dict(), tmp)
+            torch.save(unwrap(self.network).state_dict(), tmp)
         save_json(
             {"metric": self.metric_name, "value": value, "epoch": self.best_epoch},
             self.save_dir / (Path(self.filename).stem + "_best_metric.json"),
         )
-        logger.info("new best %s %.4f at epoch %d: saved %s", self.metric_name, value, self.best_epoch, self.path)
+        logger.info(
+            "new best %s %.4f at epoch %d: saved %s", self.metric_name, value, self.best_epoch, self.path
+        )
 
     def state_dict(self) -> dict:
         return {"best_metric": self.best_metric, "best_epoch": self.best_epoch}
@@ -217,10 +227,6 @@ class BestModelSaver:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
-
-
-def _unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
 
 
 def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -235,13 +241,14 @@ class SampleGridHandler:
     same slices and the progress of the model is easy to follow.
 
     Args:
-        generator: the synthesis generator (``forward(mask, atlas) -> dict``).
+        generator: the synthesis generator (returns a dict with ``"images"``).
         dataset: items with ``mask``, ``atlas``, ``image`` and ``label``.
         output_dir: PNG folder.
         sequences: sequence keys in channel order (row titles).
         interval: epochs between grids.
         num_samples: number of dataset items drawn.
         device: where the generator runs.
+        generator_call: feeds the generator from the collated items (default ``generator(mask, atlas)``).
     """
 
     def __init__(
@@ -253,6 +260,7 @@ class SampleGridHandler:
         interval: int = 1,
         num_samples: int = 2,
         device: str | torch.device = "cpu",
+        generator_call: Callable = GENERATOR_CALL,
     ) -> None:
         if interval < 1:
             raise ValueError(f"sample interval must be at least 1, got {interval}")
@@ -263,6 +271,7 @@ class SampleGridHandler:
         self.interval = interval
         self.num_samples = num_samples
         self.device = torch.device(device)
+        self.generator_call = generator_call
         self.written: list[Path] = []
 
     def attach(self, engine: Engine) -> None:
@@ -282,15 +291,14 @@ class SampleGridHandler:
         if not indices:
             return []
         items = [self.dataset[i] for i in indices]
-        mask = torch.stack([torch.as_tensor(item["mask"]) for item in items]).float().to(self.device)
-        atlas = torch.stack([torch.as_tensor(item["atlas"]) for item in items]).float().to(self.device)
-        generator = _unwrap(self.generator)
+        batch = TRAINING_BATCH(default_collate(items), self.device)
+        generator = unwrap(self.generator)
         with eval_mode(generator), torch.no_grad():
-            outputs = generator(mask, atlas)
+            outputs = self.generator_call(generator, batch)
         images = _to_numpy(outputs["images"])
         confidence = _to_numpy(outputs["confidence"]) if "confidence" in outputs else None
         paths = []
-        for n, (index, item) in enumerate(zip(indices, items)):
+        for n, (index, item) in enumerate(zip(indices, items, strict=True)):
             label = np.asarray(item["label"]).reshape(np.asarray(item["label"]).shape[-2:]).astype(np.int64)
             real = np.asarray(item["image"], dtype=np.float32)
             panels, overlays = [], []
@@ -302,7 +310,9 @@ class SampleGridHandler:
                 overlays.append([label] + [None] * (len(row) - 1))
             columns = ["mask", "real", "synthesized"] + (["confidence"] if confidence is not None else [])
             patient = item.get("patient_id", "")
-            where = f"{patient} slice {int(item['slice_index'])}" if "slice_index" in item else f"item {index}"
+            where = (
+                f"{patient} slice {int(item['slice_index'])}" if "slice_index" in item else f"item {index}"
+            )
             path = self.output_dir / f"epoch_{epoch:04d}_sample_{n}.png"
             save_grid(
                 panels,
@@ -419,7 +429,9 @@ class MetricsTableWriter:
 
         table = engine.state.metric_details.get(self.metric_name)
         if table is None:
-            raise RuntimeError(f"no table for metric {self.metric_name!r}; attach SynthesisQualityMetric first")
+            raise RuntimeError(
+                f"no table for metric {self.metric_name!r}; attach SynthesisQualityMetric first"
+            )
         write_table(table, self.output_dir, self.table_name)
         epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
         summary = table_summary(table, self.sequences)

@@ -1,18 +1,33 @@
-"""Volume synthesis with trained SAMR / CG-SAMR networks."""
+"""Synthesis inference as MONAI pieces: the cases (:mod:`.cases`), the pre- and post-transforms
+(:mod:`.transforms`), the slice-stacking inferer (:mod:`.inferer`) and the network accelerator
+(:mod:`.accelerate`). A bundle's ``inference.json`` runs them in a MONAI ``SupervisedEvaluator``."""
 
 from medsynth.inference.accelerate import InferenceModule, optimize_for_inference
-from medsynth.inference.synthesis import one_hot_labels, stack_atlas, synthesize_volume
-from medsynth.inference.workflow import MANIPULATIONS, SynthesisInference, find_atlas_files, make_manipulation, resolve_inputs
+from medsynth.inference.cases import find_atlas_files, synthesis_cases, synthesis_inputs
+from medsynth.inference.inferer import SliceStackInferer, random_slices
+from medsynth.inference.transforms import (
+    BrainMaskd,
+    CheckSynthesisInputsd,
+    OutputWindowsd,
+    RealImageWindowsd,
+    SaveSynthesisd,
+    synthesis_postprocessing,
+    synthesis_preprocessing,
+)
 
 __all__ = [
+    "BrainMaskd",
+    "CheckSynthesisInputsd",
     "InferenceModule",
-    "optimize_for_inference",
-    "MANIPULATIONS",
-    "SynthesisInference",
+    "OutputWindowsd",
+    "RealImageWindowsd",
+    "SaveSynthesisd",
+    "SliceStackInferer",
     "find_atlas_files",
-    "make_manipulation",
-    "one_hot_labels",
-    "resolve_inputs",
-    "stack_atlas",
-    "synthesize_volume",
+    "optimize_for_inference",
+    "random_slices",
+    "synthesis_cases",
+    "synthesis_inputs",
+    "synthesis_postprocessing",
+    "synthesis_preprocessing",
 ]

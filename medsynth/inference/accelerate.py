@@ -91,7 +91,8 @@ def _is_plain_sequential(module: nn.Module) -> bool:
 
 
 def _first_leaf(module: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
-    """The module that first sees the input of ``module`` when it is a plain sequential: (parent, name, leaf)."""
+    """The module that first sees the input of ``module`` when it is a plain sequential: (parent, name,
+    leaf)."""
     parent = module
     while _is_plain_sequential(parent) and len(parent) > 0:
         name, child = next(iter(parent.named_children()))
@@ -102,7 +103,7 @@ def _first_leaf(module: nn.Module) -> tuple[nn.Module, str, nn.Module] | None:
 
 
 def fold_batch_norm(module: nn.Module) -> int:
-    """Fold every eval-mode ``BatchNorm2d`` that directly consumes a convolution's output into that convolution.
+    """Fold every eval-mode ``BatchNorm2d`` that directly consumes a convolution's output into it.
 
     Works in place on ``module`` (call it on a copy), which must be in eval mode. A batch norm is
     folded when it is the next module after a ``Conv2d`` / ``ConvTranspose2d`` in a plain
@@ -315,7 +316,10 @@ class InferenceModule(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        return f"backend={self.backend}, precision={self.precision}, device={self.device}, rewrites={self.rewrites}"
+        return (
+            f"backend={self.backend}, precision={self.precision}, device={self.device}, "
+            f"rewrites={self.rewrites}"
+        )
 
 
 def max_abs_difference(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -398,7 +402,8 @@ def _build(
         if device.type == "cpu":
             import torch._inductor.config as inductor_config
 
-            # Constant-fold the (frozen) weights: conv + bias + activation fusion and oneDNN weight prepacking.
+            # Constant-fold the (frozen) weights: conv + bias + activation fusion and oneDNN weight
+            # prepacking.
             inductor_config.freezing = True
         runner = torch.compile(runner, dynamic=False)
         fixed_batch = example.shape[0] if micro_batch is None else micro_batch

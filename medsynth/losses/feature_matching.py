@@ -54,16 +54,17 @@ class FeatureMatchingLoss(nn.Module):
         """
         if len(fake_outputs) != len(real_outputs) or len(fake_outputs) == 0:
             raise ValueError(
-                f"need the same, non-zero number of discriminators; got {len(fake_outputs)} and {len(real_outputs)}"
+                f"need the same, non-zero number of discriminators; got {len(fake_outputs)} and "
+                f"{len(real_outputs)}"
             )
         terms = []
-        for k, (fake_features, real_features) in enumerate(zip(fake_outputs, real_outputs)):
+        for k, (fake_features, real_features) in enumerate(zip(fake_outputs, real_outputs, strict=True)):
             if len(fake_features) != len(real_features) or len(fake_features) < 2:
                 raise ValueError(
                     f"discriminator {k}: need the same number (>= 2) of layer outputs; "
                     f"got {len(fake_features)} and {len(real_features)}"
                 )
-            for fake, real in zip(fake_features[:-1], real_features[:-1]):
+            for fake, real in zip(fake_features[:-1], real_features[:-1], strict=True):
                 if fake.shape != real.shape:
                     raise ValueError(
                         f"discriminator {k}: feature shapes differ, {list(fake.shape)} vs {list(real.shape)}"

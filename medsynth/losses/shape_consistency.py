@@ -11,21 +11,22 @@ __all__ = ["ShapeConsistencyLoss"]
 
 
 class ShapeConsistencyLoss(nn.Module):
-    """``weight * (GDL(s, U(y)) + GDL(s, U(G(x))))``: the lesion U-Net must find the input mask ``s``
+    """``weight * (Dice(s, U(y)) + Dice(s, U(G(x))))``: the lesion U-Net must find the input mask ``s``
     in the real images ``y`` and in the synthesised images ``G(x)``.
 
-    The papers' eq. 4 is ``GDL(R, S) = 1 - 2 sum_i r_i s_i / (sum_i r_i + sum_i s_i)`` over the
-    pixels ``i``, with ``r`` the one-hot ground truth and ``s`` the predicted probabilities. It is
-    computed by MONAI's ``DiceLoss`` with a softmax over the U-Net logits, the background included,
-    per class over all pixels of the batch (``batch=True``, as the authors' ``DiceLoss`` sums over
-    dims 0, 2, 3) and averaged over the classes. Despite its name, eq. 4 has no class weights;
-    ``generalized=True`` switches to MONAI's ``GeneralizedDiceLoss`` (Sudre et al.'s ``1 / (sum r)^2``
-    class weights) instead. ``smooth_nr`` / ``smooth_dr`` are added to the numerator / denominator
+    The papers' eq. 4, which they call the generalized Dice loss (GDL), is the plain Dice loss
+    ``1 - 2 sum_i r_i s_i / (sum_i r_i + sum_i s_i)`` over the pixels ``i``, with ``r`` the one-hot
+    ground truth and ``s`` the predicted probabilities: it has no class weights. It is computed by
+    MONAI's ``DiceLoss`` with a softmax over the U-Net logits, the background included, per class
+    over all pixels of the batch (``batch=True``, as the authors' ``DiceLoss`` sums over dims 0, 2,
+    3) and averaged over the classes. ``generalized=True`` switches to MONAI's ``GeneralizedDiceLoss``
+    (Sudre et al.'s class-weighted generalized Dice, ``1 / (sum r)^2`` weights) instead. ``smooth_nr`` /
+    ``smooth_dr`` are added to the numerator / denominator
     (set both to 0 for eq. 4 verbatim; the small defaults keep classes absent from a batch from
     yielding 0 / 0). The papers' weight is ``lambda2 = 1``.
 
     Args:
-        generalized: use Sudre's class-weighted generalised Dice instead of eq. 4.
+        generalized: use Sudre's class-weighted generalized Dice instead of eq. 4's plain Dice.
         smooth_nr: added to the Dice numerator.
         smooth_dr: added to the Dice denominator.
         weight: factor applied to the sum of the two terms.

@@ -131,7 +131,7 @@ class SynthesisMetrics:
                 SSIMMetric(spatial_dims=len(spatial_axes), data_range=DATA_RANGE, win_size=self.ssim_win_size)
                 for _ in self.sequences
             ]
-        for channel, (ssim, psnr) in enumerate(zip(self._ssim, self._psnr)):
+        for channel, (ssim, psnr) in enumerate(zip(self._ssim, self._psnr, strict=True)):
             pred_c = pred_u8[:, channel : channel + 1]
             target_c = target_u8[:, channel : channel + 1]
             ssim(pred_c, target_c)
@@ -191,7 +191,7 @@ class SynthesisMetrics:
         table["PSNR"] = [float(m.aggregate()) for m in self._psnr]
         table.loc[AVERAGE_ROW] = table.mean(axis=0, skipna=True)
         table.index.name = "Sequence"
-        absent = [name for name, total in zip(self.classes, totals[0].tolist()) if total == 0]
+        absent = [name for name, total in zip(self.classes, totals[0].tolist(), strict=True) if total == 0]
         notes = [f"no {name.lower()} pixels in the evaluation: its accuracy is NaN" for name in absent]
         for note in notes:
             logger.warning(note)

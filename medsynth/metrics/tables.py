@@ -91,7 +91,9 @@ def to_markdown(df: pd.DataFrame, caption: str | None = None) -> str:
         lines.append(_row([index_name] + metrics))
         lines.append(_row(["---"] + ["---:"] * len(metrics)))
     for label, values in df.iterrows():
-        lines.append(_row([str(label)] + [_format(v, m) for v, m in zip(values.tolist(), metrics)]))
+        lines.append(
+            _row([str(label)] + [_format(v, m) for v, m in zip(values.tolist(), metrics, strict=True)])
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -1,4 +1,13 @@
-"""SAMR / CG-SAMR generators, label-wise multi-scale discriminators and the lesion U-Net."""
+"""Networks: reusable blocks and parts, then one module per method family.
+
+* :mod:`.blocks`: convolution blocks (encoders, residual blocks, up-sampling steps, output heads,
+  guidance modules);
+* :mod:`.parts`: generator parts (dual encoder, residual trunk, stretch-out and confidence-guided
+  decoders) and the one-tensor inference wrapper;
+* :mod:`.discriminators`: PatchGAN, multi-scale PatchGAN, label-wise ROI wrapper;
+* :mod:`.samr`: the SAMR and CG-SAMR generators;
+* :mod:`.segmentation`: the lesion U-Net.
+"""
 
 from medsynth.networks.blocks import (
     NORM_TYPES,
@@ -9,23 +18,38 @@ from medsynth.networks.blocks import (
     UpsamplingStep,
 )
 from medsynth.networks.discriminators import (
+    LabelWiseDiscriminator,
     LabelWiseMultiScaleDiscriminator,
+    MultiScalePatchDiscriminator,
     PatchGANDiscriminator,
     roi_masks,
 )
-from medsynth.networks.generators import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
+from medsynth.networks.parts import (
+    ConfidenceGuidedDecoder,
+    DualEncoder,
+    ResidualTrunk,
+    StretchOutDecoder,
+    SynthesisInferenceNetwork,
+)
+from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
 
 __all__ = [
     "NORM_TYPES",
     "CGSAMRGenerator",
+    "ConfidenceGuidedDecoder",
     "ConvEncoder",
+    "DualEncoder",
     "GuidanceModule",
+    "LabelWiseDiscriminator",
     "LabelWiseMultiScaleDiscriminator",
+    "MultiScalePatchDiscriminator",
     "OutputHead",
     "PatchGANDiscriminator",
     "ResidualBlock",
+    "ResidualTrunk",
     "SAMRGenerator",
+    "StretchOutDecoder",
     "SynthesisInferenceNetwork",
     "UpsamplingStep",
     "make_lesion_unet",

@@ -1,9 +1,12 @@
-"""Multi-scale label-wise PatchGAN discriminators of SAMR / CG-SAMR (CG-SAMR paper, Sec. III-C, Fig. 4).
+"""PatchGAN discriminators: the pix2pixHD PatchGAN, its multi-scale form, and label-wise ROI masking.
 
-Three regions of interest (background, normal brain, lesion = edema + cavity + tumour, see
-:data:`medsynth.constants.ROI_LABELS`) times two scales give six PatchGAN discriminators. Each sees
-``cat([mask, images, atlas])`` multiplied by its ROI mask, at the original scale or average-pooled
-to 0.5 scale, and returns its intermediate features for the feature-matching loss.
+* :class:`PatchGANDiscriminator` returns every layer's features (for feature matching);
+* :class:`MultiScalePatchDiscriminator` runs one PatchGAN per scale on the average-pooled input
+  (pix2pixHD);
+* :class:`LabelWiseDiscriminator` wraps one discriminator per region of interest, each seeing only
+  its region; :class:`LabelWiseMultiScaleDiscriminator` is the SAMR / CG-SAMR form (CG-SAMR paper,
+  Sec. III-C, Fig. 4): three regions (background, normal brain, lesion = edema + cavity + tumour,
+  :data:`medsynth.constants.ROI_LABELS`) times two scales give six PatchGANs.
 """
 
 from __future__ import annotations
@@ -16,16 +19,23 @@ from torch import nn
 from medsynth.constants import NUM_LABELS, ROI_LABELS
 from medsynth.networks.blocks import check_norm
 
-__all__ = ["LabelWiseMultiScaleDiscriminator", "PatchGANDiscriminator", "roi_masks"]
+__all__ = [
+    "LabelWiseDiscriminator",
+    "LabelWiseMultiScaleDiscriminator",
+    "MultiScalePatchDiscriminator",
+    "PatchGANDiscriminator",
+    "roi_masks",
+]
 
 _LEAKY_RELU = ("LEAKYRELU", {"negative_slope": 0.2})
 
 
-def roi_masks(mask: torch.Tensor) -> dict[str, torch.Tensor]:
-    """ROI masks of a one-hot lesion mask, one per :data:`~medsynth.constants.ROI_LABELS` entry.
+def roi_masks(mask: torch.Tensor, rois: dict[str, tuple[int, ...]] = ROI_LABELS) -> dict[str, torch.Tensor]:
+    """ROI masks of a one-hot lesion mask, one per ``rois`` entry (:data:`~medsynth.constants.ROI_LABELS`).
 
     Args:
         mask: one-hot lesion mask (B, NUM_LABELS, H, W); channel ``k`` holds label ``k``.
+        rois: region name -> label values.
 
     Returns:
         ``{roi: (B, 1, H, W)}``, the sum of the ROI's label channels (a new tensor; ``mask`` is
@@ -33,7 +43,7 @@ def roi_masks(mask: torch.Tensor) -> dict[str, torch.Tensor]:
     """
     if mask.dim() != 4 or mask.shape[1] != NUM_LABELS:
         raise ValueError(f"expected a one-hot lesion mask (B, {NUM_LABELS}, H, W); got {list(mask.shape)}")
-    return {roi: mask[:, list(labels)].sum(dim=1, keepdim=True) for roi, labels in ROI_LABELS.items()}
+    return {roi: mask[:, list(labels)].sum(dim=1, keepdim=True) for roi, labels in rois.items()}
 
 
 class PatchGANDiscriminator(nn.Sequential):
@@ -95,53 +105,73 @@ class PatchGANDiscriminator(nn.Sequential):
         return features
 
 
-class LabelWiseMultiScaleDiscriminator(nn.Module):
-    """Six PatchGANs: three ROIs (background, normal brain, lesion) times ``num_scales`` scales.
-
-    The discriminators live in one ``nn.ModuleDict`` (keys ``"<roi>_s<scale>"``, e.g.
-    ``"background_s0"``, ``"lesion_s1"``) so that one DDP wrapper covers them all. The input of
-    each is ``cat([mask, images, atlas]) * roi_mask``; scale ``s`` applies ``s`` times a 3x3
-    average pooling with stride 2, padding 1 and ``count_include_pad=False`` (pix2pixHD) to the
-    masked input.
+class MultiScalePatchDiscriminator(nn.Module):
+    """pix2pixHD's multi-scale discriminator: ``num_scales`` :class:`PatchGANDiscriminator` of the same
+    form, the one of scale ``s`` seeing the input average-pooled ``s`` times (3x3, stride 2, padding 1,
+    ``count_include_pad=False``).
 
     Args:
-        in_channels: channels of ``cat([mask, images, atlas])``: ``5 + N + 3N`` (25 for 5 sequences).
-        base_filters: filters of each PatchGAN's first convolution.
-        num_layers: stride-2 convolutions per PatchGAN.
-        max_filters: upper bound on the filters.
-        norm: ``"batch"`` or ``"instance"``.
-        num_scales: scales per ROI (2 in the papers).
+        in_channels: input channels.
+        num_scales: number of scales (2 in the SAMR papers).
+        base_filters, num_layers, max_filters, norm: as in :class:`PatchGANDiscriminator`.
     """
 
     def __init__(
         self,
         in_channels: int,
+        num_scales: int = 2,
         base_filters: int = 64,
         num_layers: int = 3,
         max_filters: int = 512,
         norm: str = "batch",
-        num_scales: int = 2,
     ) -> None:
         super().__init__()
         if num_scales < 1:
             raise ValueError(f"num_scales must be >= 1; got {num_scales}")
         self.in_channels = in_channels
-        self.num_scales = num_scales
-        self.discriminators = nn.ModuleDict(
-            {
-                self.key(roi, scale): PatchGANDiscriminator(
-                    in_channels, base_filters, num_layers, max_filters, norm
-                )
-                for roi in ROI_LABELS
-                for scale in range(num_scales)
-            }
+        self.discriminators = nn.ModuleList(
+            [
+                PatchGANDiscriminator(in_channels, base_filters, num_layers, max_filters, norm)
+                for _ in range(num_scales)
+            ]
         )
         self.downsample = nn.AvgPool2d(kernel_size=3, stride=2, padding=1, count_include_pad=False)
 
-    @staticmethod
-    def key(roi: str, scale: int) -> str:
-        """Name of the discriminator of ``roi`` at ``scale`` in :attr:`discriminators`."""
-        return f"{roi}_s{scale}"
+    def forward(self, x: torch.Tensor) -> list[list[torch.Tensor]]:
+        """Per scale, the layer features of its discriminator (the last one is the patch prediction)."""
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"the input has {x.shape[1]} channels; this discriminator expects {self.in_channels}"
+            )
+        outputs: list[list[torch.Tensor]] = []
+        for scale, discriminator in enumerate(self.discriminators):
+            if scale > 0:
+                x = self.downsample(x)
+            outputs.append(discriminator(x))
+        return outputs
+
+
+class LabelWiseDiscriminator(nn.Module):
+    """Label-wise ROI masking on top of one discriminator per region (CG-SAMR Sec. III-C).
+
+    The input of every region's discriminator is ``cat([mask, images, atlas]) * roi_mask``, the ROI
+    masks coming from the one-hot lesion mask (:func:`roi_masks`); the discriminators live in one
+    ``nn.ModuleDict`` keyed by region, so that one DDP wrapper covers them all.
+
+    Args:
+        discriminators: one module per region of ``rois``, in their order, each mapping the masked
+            input to a list of per-scale feature lists (e.g. :class:`MultiScalePatchDiscriminator`).
+        rois: region name -> label values (default :data:`~medsynth.constants.ROI_LABELS`).
+    """
+
+    def __init__(
+        self, discriminators: dict[str, nn.Module], rois: dict[str, tuple[int, ...]] = ROI_LABELS
+    ) -> None:
+        super().__init__()
+        if list(discriminators) != list(rois):
+            raise ValueError(f"need one discriminator per region {list(rois)}; got {list(discriminators)}")
+        self.rois = dict(rois)
+        self.discriminators = nn.ModuleDict(discriminators)
 
     def forward(
         self, mask: torch.Tensor, images: torch.Tensor, atlas: torch.Tensor
@@ -154,21 +184,56 @@ class LabelWiseMultiScaleDiscriminator(nn.Module):
             atlas: atlas slices (B, 3N, H, W).
 
         Returns:
-            One list per discriminator, in the order background s0, s1, normal brain s0, s1,
-            lesion s0, s1 (the papers' D1..D6): its layer features, the last being the patch
-            prediction. None of the inputs is modified.
+            One feature list per discriminator, regions in order and each region's scales in order
+            (background s0, s1, normal brain s0, s1, lesion s0, s1: the papers' D1..D6), the last
+            feature being the patch prediction. None of the inputs is modified.
         """
         x = torch.cat([mask, images, atlas], dim=1)
-        if x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"mask + images + atlas have {mask.shape[1]} + {images.shape[1]} + {atlas.shape[1]} = "
-                f"{x.shape[1]} channels; this discriminator expects {self.in_channels}"
-            )
         outputs: list[list[torch.Tensor]] = []
-        for roi, roi_mask in roi_masks(mask).items():
-            masked = x * roi_mask
-            for scale in range(self.num_scales):
-                if scale > 0:
-                    masked = self.downsample(masked)
-                outputs.append(self.discriminators[self.key(roi, scale)](masked))
+        for roi, roi_mask in roi_masks(mask, self.rois).items():
+            outputs.extend(self.discriminators[roi](x * roi_mask))
         return outputs
+
+
+def _rename_discriminators_of_0_1(state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: ``discriminators.<roi>_s<k>.`` of medsynth 0.1 (one flat ModuleDict)
+    is ``discriminators.<roi>.discriminators.<k>.`` now."""
+    for key in [k for k in state_dict if k.startswith(prefix + "discriminators.")]:
+        head, _, rest = key[len(prefix + "discriminators.") :].partition(".")
+        roi, separator, scale = head.rpartition("_s")
+        if separator and scale.isdigit() and roi in ROI_LABELS:
+            state_dict[f"{prefix}discriminators.{roi}.discriminators.{scale}.{rest}"] = state_dict.pop(key)
+
+
+class LabelWiseMultiScaleDiscriminator(LabelWiseDiscriminator):
+    """The SAMR / CG-SAMR discriminator: three regions (background, normal brain, lesion), each with a
+    two-scale :class:`MultiScalePatchDiscriminator`, i.e. six PatchGANs (the papers' D1..D6).
+
+    Args:
+        in_channels: channels of ``cat([mask, images, atlas])``: ``5 + N + 3N`` (25 for 5 sequences).
+        base_filters: filters of each PatchGAN's first convolution.
+        num_layers: stride-2 convolutions per PatchGAN.
+        max_filters: upper bound on the filters.
+        norm: ``"batch"`` or ``"instance"``.
+        num_scales: scales per region (2 in the papers).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        base_filters: int = 64,
+        num_layers: int = 3,
+        max_filters: int = 512,
+        norm: str = "batch",
+        num_scales: int = 2,
+    ) -> None:
+        super().__init__(
+            {
+                roi: MultiScalePatchDiscriminator(
+                    in_channels, num_scales, base_filters, num_layers, max_filters, norm
+                )
+                for roi in ROI_LABELS
+            }
+        )
+        self.in_channels = in_channels
+        self._register_load_state_dict_pre_hook(_rename_discriminators_of_0_1)

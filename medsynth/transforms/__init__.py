@@ -1,26 +1,5 @@
 """MONAI-style transforms: lesion-mask manipulation, intensity scaling and slice extraction."""
 
-from medsynth.transforms.mask import (
-    ManipulationNotPossibleError,
-    MirrorLesion,
-    MirrorLesiond,
-    RandomLesionManipulation,
-    RandomLesionManipulationd,
-    RandomMirrorLesion,
-    RandomMirrorLesiond,
-    RandomResizeTumor,
-    RandomResizeTumord,
-    RandomTransplantLesion,
-    RandomTransplantLesiond,
-    ResizeTumor,
-    ResizeTumord,
-    TransplantLesion,
-    TransplantLesiond,
-    brain_midline,
-    mirror_lesion,
-    resize_tumor,
-    transplant_lesion,
-)
 from medsynth.transforms.intensity import (
     DEFAULT_WINDOWS,
     ScaleToUnit,
@@ -30,6 +9,30 @@ from medsynth.transforms.intensity import (
     scale_to_unit,
     unit_to_intensity,
     windows_for,
+)
+from medsynth.transforms.lesion import (
+    MANIPULATIONS,
+    LesionManipulation,
+    LesionManipulationd,
+    ManipulationNotPossibleError,
+    MirrorLesion,
+    MirrorLesiond,
+    RandLesionManipulation,
+    RandLesionManipulationd,
+    RandMirrorLesion,
+    RandMirrorLesiond,
+    RandResizeTumor,
+    RandResizeTumord,
+    RandTransplantLesion,
+    RandTransplantLesiond,
+    ResizeTumor,
+    ResizeTumord,
+    TransplantLesion,
+    TransplantLesiond,
+    brain_midline,
+    mirror_lesion,
+    resize_tumor,
+    transplant_lesion,
 )
 from medsynth.transforms.slices import (
     FitInPlane,

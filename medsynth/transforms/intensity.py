@@ -12,7 +12,7 @@ back in the volume's own intensity units with :func:`unit_to_intensity`.
 from __future__ import annotations
 
 import logging
-from typing import Hashable, Mapping, Sequence, Union
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from medsynth.constants import CLINICAL_SEQUENCES
 
 logger = logging.getLogger(__name__)
 
-Bound = Union[float, str]
+Bound = float | str
 WindowSpec = Sequence[Bound]
 
 ANATOMICAL_WINDOW: tuple[Bound, Bound] = (0.0, "p99.5")

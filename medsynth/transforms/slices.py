@@ -5,13 +5,21 @@ Volumes are channel-first ``(C, H, W, D)`` in RAS orientation, so the last axis 
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 from monai.config import KeysCollection, NdarrayOrTensor
 from monai.data import MetaTensor
-from monai.transforms import Compose, MapTransform, Resize, ResizeWithPadOrCrop, SpatialPad, Transform
+from monai.transforms import (
+    Compose,
+    InvertibleTransform,
+    MapTransform,
+    Resize,
+    ResizeWithPadOrCrop,
+    SpatialPad,
+    Transform,
+)
 from monai.utils import TraceKeys, ensure_tuple_rep
 
 from medsynth.constants import LESION_LABELS
@@ -19,7 +27,7 @@ from medsynth.constants import LESION_LABELS
 SLICE_SELECTIONS: tuple[str, ...] = ("all", "brain", "lesion")
 
 
-class FitInPlane(Transform):
+class FitInPlane(InvertibleTransform):
     """Bring the axial plane of a ``(C, H, W, D)`` volume to ``image_size x image_size``; depth is kept.
 
     The decision depends on the grid only (so a patient's volumes and its atlas, which share the
@@ -81,8 +89,9 @@ class FitInPlane(Transform):
         raise ValueError("cannot invert: the image was not fitted by this FitInPlane instance")
 
 
-class FitInPlaned(MapTransform):
-    """Dictionary wrapper of :class:`FitInPlane` with one interpolation mode per key."""
+class FitInPlaned(MapTransform, InvertibleTransform):
+    """Dictionary wrapper of :class:`FitInPlane` with one interpolation mode per key; invertible, so
+    MONAI's ``Invertd`` brings a prediction made on the fitted grid back to the input grid."""
 
     def __init__(
         self,
@@ -94,7 +103,9 @@ class FitInPlaned(MapTransform):
     ):
         super().__init__(keys, allow_missing_keys)
         modes = ensure_tuple_rep(mode, len(self.keys))
-        self.fitters = {key: FitInPlane(image_size, m, crop_tolerance) for key, m in zip(self.keys, modes)}
+        self.fitters = {
+            key: FitInPlane(image_size, m, crop_tolerance) for key, m in zip(self.keys, modes, strict=True)
+        }
 
     def __call__(self, data: Mapping[Hashable, NdarrayOrTensor]) -> dict[Hashable, NdarrayOrTensor]:
         d = dict(data)

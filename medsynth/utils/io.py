@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -76,4 +77,6 @@ def _json_default(value: Any) -> Any:
         return value.tolist()
     if isinstance(value, Path):
         return str(value)
+    if hasattr(value, "tolist"):  # torch tensors (e.g. values that went through a DataLoader)
+        return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")

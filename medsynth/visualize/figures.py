@@ -34,7 +34,7 @@ ORIENTATIONS = ("radiological", "neurological", "none")
 
 
 def label_to_rgb(label_map: np.ndarray) -> np.ndarray:
-    """Colour an integer label map with :data:`LABEL_COLORS`; returns float RGB in ``[0, 1]``, shape ``(..., 3)``.
+    """Colour an integer label map with :data:`LABEL_COLORS`; returns float RGB in ``[0, 1]``, ``(..., 3)``.
 
     Raises:
         ValueError: the map holds a label without a colour.
@@ -140,7 +140,8 @@ def save_grid(
         title: figure title.
         panel_size: inches per panel.
         dpi: resolution of the PNG.
-        orientation: ``radiological`` (default), ``neurological`` or ``none`` (see :func:`orient_for_display`).
+        orientation: ``radiological`` (default), ``neurological`` or ``none`` (see
+        :func:`orient_for_display`).
         overlay_alpha: opacity of the label overlays.
         contour_color: colour of the mask outlines (matplotlib colour name).
 

@@ -100,13 +100,14 @@ class RawSequence:
 def raw_grid(scale: float = 1.0, spacing_mm=RAW_SPACING_MM) -> Grid:
     """The axial whole-head grid of the raw anatomical sequences; ``scale`` enlarges the voxels."""
     spacing = np.asarray(spacing_mm, dtype=np.float64) * scale
-    shape = tuple(round(f / s) for f, s in zip(RAW_FIELD_OF_VIEW_MM, spacing))
+    shape = tuple(round(f / s) for f, s in zip(RAW_FIELD_OF_VIEW_MM, spacing, strict=True))
     return Grid.centred(shape, spacing, RAW_CENTRE_MM)
 
 
 def random_pose(rng: np.random.Generator, max_rotation_degrees: float, max_translation_mm: float):
     """A rigid head pose about the slab centre: Euler angles within ``max_rotation_degrees`` (the largest one
-    at least a quarter of it, so the misalignment is never negligible) and a shift up to ``max_translation_mm``."""
+    at least a quarter of it, so the misalignment is never negligible) and a shift up to
+    ``max_translation_mm``."""
     angles = rng.uniform(-1.0, 1.0, 3) * max_rotation_degrees
     largest = int(np.argmax(np.abs(angles)))
     if abs(angles[largest]) < 0.25 * max_rotation_degrees:

@@ -82,7 +82,8 @@ def generate_phantom_cohort(
         out_dir: cohort folder; created if needed.
         num_patients: patients ``phantom_000`` ... ``phantom_<N-1>``.
         seed: cohort seed; patient ``i`` is drawn from ``(seed, i)``.
-        layout: ``"ready"`` (model-grid volumes, manifest, atlas) or ``"raw"`` (scanner-like exams with truth).
+        layout: ``"ready"`` (model-grid volumes, manifest, atlas) or ``"raw"`` (scanner-like exams with
+            truth).
         shape: model grid ``(X, Y, Z)``: the papers' 209.9 x 209.9 x 66 mm slab divided into this many
             voxels (default 256 x 256 x 15, i.e. 0.82 x 0.82 x 4.4 mm).
         split_fractions: train/val/test fractions for :func:`~medsynth.data.manifest.split_patients`.
@@ -378,16 +379,24 @@ def _transforms_record(acquisitions: dict[str, RawSequence]) -> dict:
     reference = acquisitions["aptw"].pose
     record = {
         "convention": (
-            "World coordinates are RAS+ millimetres (x increases toward the patient's right, y toward anterior, "
+            "World coordinates are RAS+ millimetres (x increases toward the patient's right, y toward "
+            "anterior, "
             "z toward superior), the same frame as every NIfTI affine here. 'Truth space' is the "
-            "phantom's anatomical space. For each sequence, 'patient_to_scanner' is the 4x4 matrix M that moves a "
-            "truth-space point p to the scanner-world point M p where that tissue lies in this sequence's image "
-            "(the head pose during that acquisition); M is a rotation by 'rotation_degrees' (Euler angles about "
-            "x, then y, then z, applied as Rz Ry Rx) about 'rotation_centre_mm', followed by 'translation_mm'. "
-            "'to_reference' is the 4x4 matrix that maps a scanner-world point of this sequence to the scanner-world "
-            "point of the APTw slab (the reference grid) showing the same tissue: M_aptw @ inv(M_sequence). A "
+            "phantom's anatomical space. For each sequence, 'patient_to_scanner' is the 4x4 matrix M that "
+            "moves a "
+            "truth-space point p to the scanner-world point M p where that tissue lies in this sequence's "
+            "image "
+            "(the head pose during that acquisition); M is a rotation by 'rotation_degrees' (Euler angles "
+            "about "
+            "x, then y, then z, applied as Rz Ry Rx) about 'rotation_centre_mm', followed by "
+            "'translation_mm'. "
+            "'to_reference' is the 4x4 matrix that maps a scanner-world point of this sequence to the "
+            "scanner-world "
+            "point of the APTw slab (the reference grid) showing the same tissue: M_aptw @ inv(M_sequence). "
+            "A "
             "perfect co-registration that resamples this sequence onto the APTw grid reads it at "
-            "inv(to_reference) @ q for each reference point q. truth/label.nii.gz and truth/brain_mask.nii.gz lie "
+            "inv(to_reference) @ q for each reference point q. truth/label.nii.gz and "
+            "truth/brain_mask.nii.gz lie "
             "on the APTw slab grid exactly as the anatomy appears in aptw.nii.gz."
         ),
         "reference": "aptw",

@@ -17,10 +17,10 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 import medsynth
 from medsynth.data.phantom.sampling import Grid
+from medsynth.utils.geometry import RAS_TO_LPS
 from medsynth.utils.io import atomic_path
 
 # DICOM patient coordinates are LPS; the phantom's world is RAS.
-_RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 
 
 def write_dicom_series(
@@ -47,8 +47,8 @@ def write_dicom_series(
     directions = linear / spacing
     # Rows of the DICOM image run along -y (anterior first), columns along -x (patient's right first):
     # the usual axial display. In LPS terms both are +L/+P directions.
-    row_cosine = _RAS_TO_LPS @ (-directions[:, 0])  # direction in which the column index increases
-    column_cosine = _RAS_TO_LPS @ (-directions[:, 1])  # direction in which the row index increases
+    row_cosine = RAS_TO_LPS @ (-directions[:, 0])  # direction in which the column index increases
+    column_cosine = RAS_TO_LPS @ (-directions[:, 1])  # direction in which the row index increases
     stored = np.rint(np.asarray(volume, dtype=np.float64) / rescale_slope)
     if stored.min() < np.iinfo(np.int16).min or stored.max() > np.iinfo(np.int16).max:
         raise ValueError(
@@ -64,7 +64,7 @@ def write_dicom_series(
     files = []
     for k in range(nz):
         first_pixel = affine @ np.array([nx - 1, ny - 1, k, 1.0])
-        position = _RAS_TO_LPS @ first_pixel[:3]
+        position = RAS_TO_LPS @ first_pixel[:3]
         pixels = stored[::-1, ::-1, k].T  # [row, column] = [x reversed, y reversed] transposed
         dataset = _slice_dataset(
             pixels=np.ascontiguousarray(pixels),

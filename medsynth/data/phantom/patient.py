@@ -54,7 +54,8 @@ _MAX_LESION_TRIES = 40
 
 
 def reference_grid(shape: tuple[int, int, int] = DEFAULT_SHAPE) -> Grid:
-    """The model grid: the papers' slab field of view (209.9 x 209.9 x 66 mm) divided into ``shape`` voxels."""
+    """The model grid: the papers' slab field of view (209.9 x 209.9 x 66 mm) divided into ``shape``
+    voxels."""
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 2:
         raise ValueError(f"phantom shape must be three sizes of at least 2 voxels, got {shape}")

@@ -45,7 +45,7 @@ class Grid:
         has shape ``(X*a, Y*b, Z*c, 3)``; :func:`average_blocks` brings sampled values back to the grid.
         """
         axes = []
-        for size, factor in zip(self.shape, supersample):
+        for size, factor in zip(self.shape, supersample, strict=True):
             offsets = (np.arange(factor) + 0.5) / factor - 0.5
             axes.append((np.arange(size)[:, None] + offsets[None, :]).reshape(-1))
         i, j, k = np.meshgrid(*axes, indexing="ij")

@@ -16,18 +16,21 @@ from medsynth.constants import (
     NORMAL_BRAIN,
     TUMOR,
 )
-from medsynth.transforms.mask import (
+from medsynth.transforms.lesion import (
     INFO_META_KEY,
+    MANIPULATIONS,
+    LesionManipulation,
+    LesionManipulationd,
     ManipulationNotPossibleError,
     MirrorLesion,
     MirrorLesiond,
-    RandomLesionManipulation,
-    RandomLesionManipulationd,
-    RandomMirrorLesion,
-    RandomResizeTumor,
-    RandomResizeTumord,
-    RandomTransplantLesion,
-    RandomTransplantLesiond,
+    RandLesionManipulation,
+    RandLesionManipulationd,
+    RandMirrorLesion,
+    RandResizeTumor,
+    RandResizeTumord,
+    RandTransplantLesion,
+    RandTransplantLesiond,
     ResizeTumor,
     ResizeTumord,
     TransplantLesion,
@@ -48,8 +51,8 @@ def phantom(
     """Brain ellipsoid symmetric about the array centre, with a spherical lesion (edema shell,
     tumour, cavity at the core)."""
     grid = np.meshgrid(*[np.arange(n, dtype=float) for n in shape], indexing="ij")
-    brain = sum(((g - (n - 1) / 2) / (0.45 * n)) ** 2 for g, n in zip(grid, shape)) <= 1
-    radius = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre)))
+    brain = sum(((g - (n - 1) / 2) / (0.45 * n)) ** 2 for g, n in zip(grid, shape, strict=True)) <= 1
+    radius = np.sqrt(sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True)))
     label = np.where(brain, NORMAL_BRAIN, BACKGROUND).astype(np.int64)
     label[brain & (radius <= edema_radius)] = EDEMA
     label[brain & (radius <= tumor_radius)] = TUMOR
@@ -150,7 +153,7 @@ def test_resize_impossible_requests_raise_clear_errors():
 
 def test_malformed_label_maps_are_rejected():
     label = lesion_2d()
-    with pytest.raises(ValueError, match="unknown labels"):
+    with pytest.raises(ValueError, match="unknown label value"):
         ResizeTumor(100.0)(np.where(label == EDEMA, 7, label))
     with pytest.raises(ValueError, match="NaN"):
         ResizeTumor(100.0)(np.where(label == EDEMA, np.nan, label.astype(float)))
@@ -318,25 +321,27 @@ def test_random_variants_are_reproducible_for_a_seed():
     label = lesion_2d()
     donors = [lesion_2d(centre=(40, 30), edema=6, tumor=4), lesion_2d(centre=(20, 20), edema=5, tumor=3)]
     for transform in (
-        RandomMirrorLesion(prob=0.5),
-        RandomResizeTumor((-50.0, 100.0)),
-        RandomTransplantLesion(donors),
-        RandomLesionManipulation(mirror_prob=0.5, resize_prob=0.8, transplant_prob=0.5, donors=donors),
+        RandMirrorLesion(prob=0.5),
+        RandResizeTumor((-50.0, 100.0)),
+        RandTransplantLesion(donors),
+        RandLesionManipulation(mirror_prob=0.5, resize_prob=0.8, transplant_prob=0.5, donors=donors),
     ):
         first, again, other = (
             run_seeded(transform, label, 7),
             run_seeded(transform, label, 7),
             run_seeded(transform, label, 8),
         )
-        for a, b in zip(first, again):
+        for a, b in zip(first, again, strict=True):
             np.testing.assert_array_equal(a, b)
-        assert any(not np.array_equal(a, b) for a, b in zip(first, other)), type(transform).__name__
+        assert any(not np.array_equal(a, b) for a, b in zip(first, other, strict=True)), type(
+            transform
+        ).__name__
         for out in first:
             assert_label_invariants(label, out)
 
 
 def test_random_resize_samples_the_range_and_reports_it():
-    transform = RandomResizeTumor((-50.0, 100.0), return_info=True).set_random_state(0)
+    transform = RandResizeTumor((-50.0, 100.0), return_info=True).set_random_state(0)
     label = lesion_3d()
     percents = []
     for _ in range(5):
@@ -345,13 +350,13 @@ def test_random_resize_samples_the_range_and_reports_it():
         assert info["achieved_ratio"] == pytest.approx(1 + info["requested_percent"] / 100, rel=0.02)
     assert all(-50.0 <= p <= 100.0 for p in percents) and len(set(percents)) == 5
     with pytest.raises(ValueError, match="percent_range"):
-        RandomResizeTumor((-120.0, 0.0))
+        RandResizeTumor((-120.0, 0.0))
 
 
 def test_random_transplant_places_a_donor_lesion_somewhere_in_the_brain():
     label = lesion_3d()
     donor = lesion_3d(centre=(28, 20, 14), edema=5.0, tumor=3.0, cavity=-1.0)
-    transform = RandomTransplantLesion(
+    transform = RandTransplantLesion(
         [donor], random_location=True, max_outside_fraction=0.0, return_info=True
     )
     transform.set_random_state(3)
@@ -366,23 +371,23 @@ def test_random_transplant_places_a_donor_lesion_somewhere_in_the_brain():
         offsets.add(tuple(info["offset"]))
     assert len(offsets) > 1
     with pytest.raises(ValueError, match="no lesion"):
-        RandomTransplantLesion([lesion_3d(edema=-1, tumor=-1, cavity=-1)])
+        RandTransplantLesion([lesion_3d(edema=-1, tumor=-1, cavity=-1)])
 
 
 def test_combination_skips_impossible_steps_unless_told_not_to():
     no_tumor = lesion_2d(tumor=-1.0, cavity=-1.0)
-    lenient = RandomLesionManipulation(mirror_prob=1.0, resize_prob=1.0, return_info=True).set_random_state(0)
+    lenient = RandLesionManipulation(mirror_prob=1.0, resize_prob=1.0, return_info=True).set_random_state(0)
     out, infos = lenient(no_tumor)
     assert [i["applied"] for i in infos] == [True, False]
     assert infos[1]["operation"] == "resize_tumor" and "no tumour" in infos[1]["reason"]
     np.testing.assert_array_equal(out, MirrorLesion()(no_tumor))
-    strict = RandomLesionManipulation(
-        mirror_prob=0.0, resize_prob=1.0, skip_impossible=False
-    ).set_random_state(0)
+    strict = RandLesionManipulation(mirror_prob=0.0, resize_prob=1.0, skip_impossible=False).set_random_state(
+        0
+    )
     with pytest.raises(ManipulationNotPossibleError):
         strict(no_tumor)
     with pytest.raises(ValueError, match="donors"):
-        RandomLesionManipulation(transplant_prob=0.5)
+        RandLesionManipulation(transplant_prob=0.5)
 
 
 def test_random_dictionary_wrappers_use_the_same_draw_for_every_key():
@@ -390,9 +395,9 @@ def test_random_dictionary_wrappers_use_the_same_draw_for_every_key():
     donors = [lesion_2d(centre=(40, 30), edema=6, tumor=4)]
     image = np.zeros(SHAPE_2D)
     for transform in (
-        RandomResizeTumord(["label", "copy"]),
-        RandomTransplantLesiond(["label", "copy"], donors=donors),
-        RandomLesionManipulationd(["label", "copy"], mirror_prob=0.5, resize_prob=1.0),
+        RandResizeTumord(["label", "copy"]),
+        RandTransplantLesiond(["label", "copy"], donors=donors),
+        RandLesionManipulationd(["label", "copy"], mirror_prob=0.5, resize_prob=1.0),
     ):
         transform.set_random_state(5)
         first = transform({"label": label, "copy": label.copy(), "image": image})
@@ -408,7 +413,7 @@ def test_infos_of_applied_and_skipped_manipulations_collate_in_a_dataloader():
 
     labels = [lesion_2d(), lesion_2d(tumor=-1.0, cavity=-1.0)]
     items = [{"label": MetaTensor(torch.as_tensor(label[None]))} for label in labels]
-    transform = RandomLesionManipulationd("label", mirror_prob=0.5, resize_prob=1.0)
+    transform = RandLesionManipulationd("label", mirror_prob=0.5, resize_prob=1.0)
     transform.set_random_state(0)
     batch = next(iter(DataLoader(Dataset(items, transform=transform), batch_size=2)))
     mirror, resize = batch["label_manipulation"]
@@ -456,3 +461,40 @@ def test_resize_and_mirror_on_a_real_brats_lesion(brats_dir):
     out, info = MirrorLesion(return_info=True)(label)
     assert info["clipped_fraction"] < 0.25
     assert_label_invariants(label, out)
+
+
+def test_named_manipulation_matches_the_transform_it_names():
+    label = lesion_2d()
+    brain = label > 0
+    for name, expected in (
+        ("mirror", MirrorLesion(return_info=True)(label, brain)),
+        ("grow", ResizeTumor(100.0, return_info=True)(label, brain)),
+        ("shrink", ResizeTumor(-50.0, return_info=True)(label, brain)),
+    ):
+        result, info = LesionManipulation(name, return_info=True)(label, brain)
+        np.testing.assert_array_equal(result, expected[0])
+        assert info == expected[1]
+    unchanged, info = LesionManipulation("none", return_info=True)(label)
+    assert unchanged is label and info == {"operation": "none"}
+    donor = np.roll(label, 3, axis=0)
+    transplanted = LesionManipulation("transplant")(label, brain, donor=donor)
+    np.testing.assert_array_equal(transplanted, TransplantLesion(donor)(label, brain))
+    # "random" is re-seeded at every call: the same case gets the same draws whatever came before.
+    random = LesionManipulation("random", seed=3)
+    first = random(label, brain, donor=donor)
+    random(np.flip(label, 0).copy(), brain)
+    np.testing.assert_array_equal(random(label, brain, donor=donor), first)
+    others = [
+        LesionManipulation("random", seed=seed)(label, brain, donor=donor) for seed in range(6) if seed != 3
+    ]
+    assert any(not np.array_equal(other, first) for other in others)  # the seed matters
+    with pytest.raises(ValueError, match="needs a donor"):
+        LesionManipulation("transplant")(label, brain)
+    with pytest.raises(ValueError, match="unknown manipulation"):
+        LesionManipulation("flip")
+    assert MANIPULATIONS == ("none", "mirror", "grow", "shrink", "transplant", "random")
+    d = LesionManipulationd("label", "grow", brain_mask_key="brain", donor_key="donor")(
+        {"label": label, "brain": brain, "donor": ""}
+    )
+    np.testing.assert_array_equal(d["label"], ResizeTumor(100.0)(label, brain))
+    assert d["label_manipulation"]["operation"] == "resize_tumor"

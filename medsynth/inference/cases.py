@@ -1,0 +1,176 @@
+"""What a synthesis run reads: the cases of a cohort, or one lesion mask with its atlas.
+
+:func:`synthesis_inputs` is what the bundles' ``inference.json`` calls; it returns the sequences
+(which size the network) and the inference items (dicts of file paths) that the bundle's
+``preprocessing`` loads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from medsynth.constants import (
+    CLINICAL_SEQUENCES,
+    MANIFEST_BRAIN_MASK_COLUMN,
+    MANIFEST_LABEL_COLUMN,
+    MANIPULATIONS,
+    atlas_column,
+    canonical_sequence,
+)
+from medsynth.errors import InputDataError
+from medsynth.inference.transforms import source_file_key
+
+__all__ = ["find_atlas_files", "synthesis_cases", "synthesis_inputs"]
+
+_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+_DONOR_MANIPULATIONS = ("transplant", "random")
+
+
+def find_atlas_files(atlas_dir: str | os.PathLike, sequences: Sequence[str] | None = None) -> dict[str, str]:
+    """Atlas NIfTI files of a folder by sequence: ``atlas_<seq>.nii.gz`` or ``<seq>.nii.gz`` (aliases such
+    as ``t1ce`` or ``T2`` are recognised). Raises :class:`InputDataError` when a sequence is missing."""
+    folder = Path(atlas_dir)
+    if not folder.is_dir():
+        raise InputDataError("atlas folder does not exist", path=folder)
+    found: dict[str, str] = {}
+    for path in sorted(folder.iterdir()):
+        stem = next((path.name[: -len(s)] for s in _NIFTI_SUFFIXES if path.name.lower().endswith(s)), None)
+        if stem is None:
+            continue
+        stem = stem[len("atlas_") :] if stem.lower().startswith("atlas_") else stem
+        try:
+            found.setdefault(canonical_sequence(stem), str(path))
+        except ValueError:
+            continue
+    wanted = list(sequences) if sequences is not None else [s for s in CLINICAL_SEQUENCES if s in found]
+    missing = [s for s in wanted if s not in found]
+    if missing or not wanted:
+        raise InputDataError(
+            f"no atlas file for sequence(s) {missing or list(CLINICAL_SEQUENCES)}", path=folder
+        )
+    return {s: found[s] for s in wanted}
+
+
+def _item(
+    case: str, split: str, label: str, atlas: dict[str, str], brain_mask: str = "", images=None
+) -> dict:
+    item: dict[str, Any] = {
+        "case": case,
+        "source_patient": case,
+        "split": split,
+        MANIFEST_LABEL_COLUMN: label,
+    }
+    if brain_mask:
+        item[MANIFEST_BRAIN_MASK_COLUMN] = brain_mask
+    for sequence, path in atlas.items():
+        item[atlas_column(sequence)] = path
+        item[source_file_key(atlas_column(sequence))] = path
+    item.update(images or {})
+    return item
+
+
+def synthesis_cases(
+    sequences: Sequence[str],
+    manifest: pd.DataFrame | None = None,
+    splits: Sequence[str] | str | None = None,
+    mask_file: str = "",
+    atlas_dir: str = "",
+    brain_mask_file: str = "",
+    case_name: str = "",
+    manipulation: str = "none",
+    donor_file: str = "",
+) -> list[dict[str, Any]]:
+    """The inference items: the patients of ``splits`` of ``manifest`` (sorted), or the case of ``mask_file``.
+
+    Args:
+        sequences: the network's sequences.
+        manifest: cohort manifest (absolute paths) for the cohort mode.
+        splits: splits of the manifest to synthesize (``None``: all patients).
+        mask_file: a label map NIfTI (0..4) for the single-mask mode (takes precedence over ``manifest``).
+        atlas_dir: folder of the atlas NIfTIs (one per sequence) on the grid of ``mask_file``.
+        brain_mask_file: brain mask of ``mask_file`` (default: label > 0).
+        case_name: the single mask's case name (default: the mask's file stem).
+        manipulation: the manipulation that will be applied; ``"transplant"`` and ``"random"`` get a
+            ``donor``: ``donor_file``, or in the cohort mode the next case's label map.
+        donor_file: donor label map of ``"transplant"`` / ``"random"``.
+    """
+    if manipulation not in MANIPULATIONS:
+        raise ValueError(f"unknown manipulation {manipulation!r}; choose one of {MANIPULATIONS}")
+    if mask_file:
+        if not atlas_dir:
+            raise ValueError("mask_file needs atlas_dir: the folder of the atlas volumes on the mask's grid")
+        name = case_name or Path(mask_file).name.split(".")[0]
+        # A single synthesised case has no split of its own; as a cohort it is training data.
+        items = [_item(name, "train", mask_file, find_atlas_files(atlas_dir, sequences), brain_mask_file)]
+    else:
+        if manifest is None:
+            raise ValueError("give a cohort manifest or a mask_file (with atlas_dir)")
+        split_list = [splits] if isinstance(splits, str) else (None if splits is None else list(splits))
+        rows = manifest if split_list is None else manifest[manifest["split"].isin(split_list)]
+        if rows.empty:
+            raise ValueError(f"no patient in split(s) {split_list}")
+        items = []
+        for _, row in rows.sort_values("patient_id").iterrows():
+            missing = [atlas_column(s) for s in sequences if not str(row.get(atlas_column(s), "") or "")]
+            if missing:
+                raise InputDataError(
+                    f"manifest has no atlas column(s) {missing}", patient_id=row["patient_id"]
+                )
+            images = {s: row[s] for s in sequences if str(row.get(s, "") or "")}
+            items.append(
+                _item(
+                    str(row["patient_id"]),
+                    str(row["split"]),
+                    row[MANIFEST_LABEL_COLUMN],
+                    {s: row[atlas_column(s)] for s in sequences},
+                    str(row.get(MANIFEST_BRAIN_MASK_COLUMN, "") or ""),
+                    images,
+                )
+            )
+    if manipulation in _DONOR_MANIPULATIONS:
+        for position, item in enumerate(items):
+            donor = donor_file or (
+                items[(position + 1) % len(items)][MANIFEST_LABEL_COLUMN] if len(items) > 1 else ""
+            )
+            if donor:
+                item["donor"] = donor
+    return items
+
+
+def synthesis_inputs(
+    dataset_dir: str = "",
+    cache_dir: str = "runs/cache",
+    mask_file: str = "",
+    atlas_dir: str = "",
+    seed: int = 0,
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
+    phantom_patients: int = 12,
+    phantom_shape: Sequence[int] = (256, 256, 15),
+) -> dict[str, Any]:
+    """``{"manifest": DataFrame or None, "sequences": [...]}`` of an inference run.
+
+    With ``mask_file`` the sequences are those of the atlas files in ``atlas_dir`` and no cohort is
+    touched; otherwise the cohort of ``dataset_dir`` is resolved as in training
+    (:func:`medsynth.data.cohort.resolve_cohort`; empty means the phantom cohort).
+    """
+    if mask_file:
+        if not atlas_dir:
+            raise ValueError("mask_file needs atlas_dir: the folder of the atlas volumes on the mask's grid")
+        return {"manifest": None, "sequences": list(find_atlas_files(atlas_dir))}
+    from medsynth.data.cohort import resolve_cohort
+    from medsynth.data.manifest import sequences_of
+
+    manifest = resolve_cohort(
+        dataset_dir,
+        cache_dir,
+        seed=seed,
+        split_fractions=split_fractions,
+        phantom_patients=phantom_patients,
+        phantom_shape=phantom_shape,
+    )
+    return {"manifest": manifest, "sequences": list(sequences_of(manifest))}
