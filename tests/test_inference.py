@@ -282,3 +282,36 @@ def test_a_synthesized_cohort_is_a_cohort(tmp_path):
     assert len(resolve_cohort(str(tmp_path / "synthetic"), tmp_path / "cache3", progress=False)) == len(
         source
     )
+
+
+def test_outputs_equal_those_of_medsynth_0_1(tmp_path):
+    """The volumes and label maps that medsynth 0.1.0's SynthesisInference wrote (before inference became
+    MONAI transforms) for a seeded network, a flipped anisotropic grid, a padded and a resampled plane and
+    a manipulation (tests/data/inference_medsynth_0_1.npz, made with that code)."""
+    from pathlib import Path
+
+    reference = np.load(Path(__file__).parent / "data" / "inference_medsynth_0_1.npz")
+    affine = np.array([[-0.9, 0, 0, 40.0], [0, -1.1, 0, 30.0], [0, 0, 4.4, -10.0], [0, 0, 0, 1]])
+    for name, shape, manipulation in (("pad", (28, 30, 4), "none"), ("resize", (40, 36, 3), "grow")):
+        label, atlas = _label_and_atlas(shape, seed=1)
+        case = tmp_path / name
+        case.mkdir()
+        nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), case / "case.nii.gz")
+        (case / "atlas").mkdir()
+        for sequence, volume in zip(SEQUENCES, atlas, strict=True):
+            nib.save(nib.Nifti1Image(volume, affine), case / "atlas" / f"{sequence}.nii.gz")
+        cases = synthesis_cases(
+            SEQUENCES,
+            mask_file=str(case / "case.nii.gz"),
+            atlas_dir=str(case / "atlas"),
+            manipulation=manipulation,
+        )
+        torch.manual_seed(0)
+        network = SynthesisInferenceNetwork(CGSAMRGenerator(num_sequences=3, base_width=4, num_res_blocks=1))
+        synthesize(network, cases, case / "out", image_size=32, manipulation=manipulation, batch_size=3)
+        for sequence in (*SEQUENCES, "label"):
+            written = nib.load(case / "out" / "case" / f"{sequence}.nii.gz")
+            np.testing.assert_allclose(written.affine, affine, atol=1e-6)
+            np.testing.assert_allclose(
+                np.asarray(written.dataobj), reference[f"{name}_{sequence}"], rtol=1e-5, atol=1e-4
+            )

@@ -11,6 +11,7 @@ from monai.handlers import CheckpointSaver
 from torch.utils.data import DataLoader, DistributedSampler
 
 from medsynth.engines import (
+    AdversarialTrainer,
     BatchCall,
     CheckpointPruner,
     ResumeCheckpointLoader,
@@ -298,3 +299,81 @@ def test_checkpoint_pruner_keeps_the_newest_of_the_current_run(tmp_path):
     ]
     with pytest.raises(ValueError, match="at least 2"):
         CheckpointPruner(str(tmp_path), keep=1)
+
+
+class _ToyCycleTrainer(AdversarialTrainer):
+    """A cycle-consistent GAN in a few lines on the base engine: two generators and two discriminators,
+    one optimizer per phase (the generators share one), LSGAN + cycle L1."""
+
+    phases = ("generators", "discriminators")
+
+    def train_step(self, batch):
+        g_ab, g_ba, d_a, d_b = (self.networks[k] for k in ("g_ab", "g_ba", "d_a", "d_b"))
+        real_a, real_b = batch["a"], batch["b"]
+        with self.autocast():
+            fake_b, fake_a = g_ab(real_a), g_ba(real_b)
+            with self.no_sync("d_a", "d_b"):
+                adversarial = ((d_b(fake_b) - 1) ** 2).mean() + ((d_a(fake_a) - 1) ** 2).mean()
+            cycle = (g_ba(fake_b) - real_a).abs().mean() + (g_ab(fake_a) - real_b).abs().mean()
+        loss_g = adversarial + 10.0 * cycle
+        self.optimize("generators", loss_g)
+        with self.autocast():
+            loss_d = 0.5 * sum(
+                ((d(real) - 1) ** 2).mean() + (d(fake.detach()) ** 2).mean()
+                for d, real, fake in ((d_a, real_a, fake_a), (d_b, real_b, fake_b))
+            )
+        self.optimize("discriminators", loss_d)
+        return {"loss_g": float(loss_g), "loss_cycle": float(cycle), "loss_d": float(loss_d)}
+
+
+def test_a_cycle_consistent_gan_is_a_short_subclass_of_the_engine(tmp_path):
+    torch.manual_seed(0)
+
+    def conv():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 1, 3, padding=1)
+        )
+
+    networks = {name: conv() for name in ("g_ab", "g_ba", "d_a", "d_b")}
+    generators = [*networks["g_ab"].parameters(), *networks["g_ba"].parameters()]
+    discriminators = [*networks["d_a"].parameters(), *networks["d_b"].parameters()]
+    optimizers = {
+        "generators": torch.optim.Adam(generators, lr=1e-2),
+        "discriminators": torch.optim.Adam(discriminators, lr=1e-2),
+    }
+    # Unpaired domains: B is a fixed function of other images than those of A.
+    generator = torch.Generator().manual_seed(1)
+    batches = [
+        {"a": torch.rand(4, 1, 8, 8, generator=generator), "b": -torch.rand(4, 1, 8, 8, generator=generator)}
+        for _ in range(30)
+    ]
+    trainer = _ToyCycleTrainer(
+        "cpu",
+        max_epochs=2,
+        train_data_loader=batches,
+        networks=networks,
+        optimizers=optimizers,
+        lr_schedule=lambda optimizer: linear_decay_schedule(optimizer, 2, 1),
+        prepare_batch=lambda batch, device, non_blocking, **kwargs: batch,
+    )
+    phases = []
+    for phase in trainer.phases:
+        trainer.add_event_handler(
+            trainer.phase_event(phase), lambda engine: phases.append(engine.state.phase)
+        )
+    history = _record_outputs(trainer)
+    trainer.run()
+    assert phases == ["generators", "discriminators"] * 60
+    assert np.mean([h["loss_cycle"] for h in history[-10:]]) < 0.7 * np.mean(
+        [h["loss_cycle"] for h in history[:5]]
+    )
+    assert set(trainer.checkpoint_objects) == {
+        "trainer",
+        *networks,
+        "generators_optimizer",
+        "discriminators_optimizer",
+        "generators_scheduler",
+        "discriminators_scheduler",
+    }
+    with pytest.raises(ValueError, match="no optimizer for phase"):
+        _ToyCycleTrainer("cpu", 1, batches, networks, {"generators": optimizers["generators"]})

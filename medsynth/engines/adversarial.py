@@ -45,17 +45,18 @@ class AdversarialTrainer(Trainer):
     """Base class of the adversarial trainers: named networks, optimizers, schedules and losses.
 
     Subclasses set :attr:`phases` (one name per optimizer step of an iteration, e.g. ``"generator"``,
-    ``"discriminator"``) and implement :meth:`train_step`, which returns the iteration's record (a
-    flat dict of floats for the stats handlers). Inside it they use :meth:`autocast` for forward
-    passes, :meth:`no_sync` for passes whose gradients are discarded and :meth:`optimize` for each
-    phase's update.
+    ``"discriminator"``; ``optimizers`` is keyed by them) and implement :meth:`train_step`, which
+    returns the iteration's record (a flat dict of floats for the stats handlers). Inside it they use
+    :meth:`autocast` for forward passes, :meth:`no_sync` for passes whose gradients are discarded and
+    :meth:`optimize` for each phase's update.
 
     Args:
         device: where the networks run.
         max_epochs: number of epochs.
         train_data_loader: yields dict batches.
         networks: name -> network (possibly DDP-wrapped).
-        optimizers: name -> optimizer; each name must be a network's.
+        optimizers: phase -> the optimizer of its update; one optimizer may hold the parameters of
+            several networks (CycleGAN's two generators).
         losses: name -> loss module or callable; those with a non-empty ``state_dict`` are checkpointed.
         lr_schedule: ``optimizer -> LR scheduler``, applied to every optimizer and stepped after
             every epoch (e.g. :func:`medsynth.engines.linear_decay_schedule`); ``None`` keeps the rates.
@@ -89,9 +90,10 @@ class AdversarialTrainer(Trainer):
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
     ) -> None:
-        unknown = sorted(set(optimizers) - set(networks))
-        if unknown:
-            raise ValueError(f"optimizer(s) {unknown} belong to no network; networks: {sorted(networks)}")
+        missing = [phase for phase in self.phases if phase not in optimizers]
+        if missing:
+            name = type(self).__name__
+            raise ValueError(f"{name}: no optimizer for phase(s) {missing}; got {sorted(optimizers)}")
         amp_kwargs = {"dtype": torch.bfloat16} if amp_kwargs is None else dict(amp_kwargs)
         self.networks = dict(networks)
         self.optimizers = dict(optimizers)
