@@ -45,6 +45,8 @@ ROI_LABELS: dict[str, tuple[int, ...]] = {
 
 # BraTS `seg` values to the label convention above (brain voxels with seg 0 become normal brain).
 BRATS_SEG_TO_LABEL: dict[int, int] = {0: NORMAL_BRAIN, 2: EDEMA, 1: CAVITY, 4: TUMOR}
+# BraTS 2023 `seg` values (3 is the enhancing tumour there) to the same convention.
+BRATS2023_SEG_TO_LABEL: dict[int, int] = {0: NORMAL_BRAIN, 2: EDEMA, 1: CAVITY, 3: TUMOR}
 
 # Names of the lesion-mask manipulations (medsynth.transforms.LesionManipulation; the inference
 # configs' and the CLI's ``manipulation``): SAMR Fig. 3, CG-SAMR Fig. 7.

@@ -104,12 +104,29 @@ def _check_outputs(out: Path, confidence: bool, manifest: pd.DataFrame) -> None:
     samples = sorted((out / "samples").glob("*.png"))
     assert samples and all(p.stat().st_size > 1000 for p in samples)
     table = pd.read_csv(out / "metrics" / "table1_val.csv", index_col=0)
-    assert list(table.columns) == ["Edema", "Cavity", "Tumor", "SSIM", "PSNR"]
+    assert list(table.columns) == [
+        "Edema",
+        "Cavity",
+        "Tumor",
+        "SSIM",
+        "PSNR",
+        "SSIM brain",
+        "PSNR brain",
+        "MAE brain",
+    ]
     assert list(table.index) == ["T1w", "Gd-T1w", "T2w", "FLAIR", "APTw", "Avg."]
     metrics = json.loads((out / "metrics" / "metrics.json").read_text())
     assert -1.0 <= metrics["mean_ssim"] <= 1.0 and metrics["epoch"] == 1
-    assert pd.read_csv(out / "eval" / "table1_test.csv", index_col=0).shape == (6, 5)
+    assert 0 <= metrics["mean_mae_brain"] <= 255 and -1.0 <= metrics["mean_ssim_brain"] <= 1.0
+    assert pd.read_csv(out / "eval" / "table1_test.csv", index_col=0).shape == (6, 8)
+    cases = pd.read_csv(out / "eval" / "table1_test_cases.csv")
+    assert cases["case"].tolist() == [manifest.loc[manifest["split"] == "test", "patient_id"].item()] * 5
     assert list((out / "eval" / "samples").glob("*.png"))
+    # The model's atlas travels with it, and evaluation used it.
+    atlas_record = json.loads((out / "models" / "atlas.json").read_text())
+    assert atlas_record["kind"] == "shared" and (out / "models" / "atlas" / "atlas_t1w.nii.gz").is_file()
+    evaluated = json.loads((out / "eval" / "metrics.json").read_text())
+    assert evaluated["atlas"]["fingerprint"] == atlas_record["fingerprint"] and evaluated["split"] == "test"
     checkpoint = torch.load(next((out / "checkpoints").glob("*.pt")), weights_only=True)
     networks = ("generator", "discriminator", "segmenter")
     expected = {"trainer", "best_model_saver", *networks}
@@ -228,3 +245,85 @@ def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path, cache_dir):
     checkpoint = torch.load(out / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=True)
     assert checkpoint["trainer"]["iteration"] == 2 * checkpoint["trainer"]["epoch_length"]
     assert not any(key.startswith("module.") for key in checkpoint["generator"])
+
+
+def test_a_trained_model_scores_every_case_of_another_cohort_with_its_own_atlas(tmp_path, cache_dir):
+    """Train on phantom cohort A; evaluate and synthesize on phantom cohort B (another seed, its own
+    atlas): every case of B is scored, with A's atlas, and nothing is re-split or rebuilt."""
+    from medsynth.cli import main
+    from medsynth.data.atlas import atlas_fingerprint, find_atlas_files
+
+    out = tmp_path / "model"
+    common = {"output_dir": str(out), "cache_dir": cache_dir}
+    run(config_file=BUNDLE_CONFIGS["cg_samr"]["train"], **common, **TINY_TRAIN)
+    other = tmp_path / "cohort_b"
+    assert (
+        main(["phantom", "--out", str(other), "--patients", "4", "--seed", "5", "--shape", "40", "40", "6"])
+        == 0
+    )
+    b_manifest = pd.read_csv(other / "manifest.csv")
+    b_atlas = atlas_fingerprint(find_atlas_files(other / "atlas"))
+    model_atlas = json.loads((out / "models" / "atlas.json").read_text())["fingerprint"]
+    assert b_atlas != model_atlas  # a different cohort's atlas: using it would be a different model input
+
+    assert (
+        main(
+            [
+                "evaluate",
+                "--bundle",
+                str(REPO / "bundles" / "cg_samr"),
+                "--output-dir",
+                str(out),
+                "--dataset-dir",
+                str(other),
+                "--set",
+                f"cache_dir={cache_dir}",
+                *[f"{k}={json.dumps(v)}" for k, v in TINY_TRAIN.items()],
+            ]
+        )
+        == 0
+    )
+    metrics = json.loads((out / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "all" and metrics["atlas"]["fingerprint"] == model_atlas
+    assert metrics["cases"] == len(b_manifest) == 4
+    cases = pd.read_csv(out / "eval" / "table1_all_cases.csv")
+    assert sorted(cases["case"].unique()) == sorted(b_manifest["patient_id"])
+    # The table is the per-case rows recomputed (any table can be rebuilt, or bootstrapped, from them).
+    from medsynth.metrics import table_from_cases
+
+    table = pd.read_csv(out / "eval" / "table1_all.csv", index_col=0)
+    recomputed = table_from_cases(
+        cases, ["t1w", "gd_t1w", "t2w", "flair", "aptw"], ["Edema", "Cavity", "Tumor"]
+    )
+    np.testing.assert_allclose(recomputed.to_numpy(dtype=float), table.to_numpy(dtype=float), rtol=1e-6)
+    grids = sorted((out / "eval" / "samples").glob("*.png"))
+    assert grids
+
+    # Inference on B uses the model's atlas too; without it (a model folder with no atlas) it refuses.
+    run(
+        config_file=BUNDLE_CONFIGS["cg_samr"]["inference"],
+        **common,
+        **TINY_DATA,
+        **TINY_NETWORK,
+        dataset_dir=str(other),
+        inference_dir=str(tmp_path / "synth_b"),
+    )
+    synthesized = pd.read_csv(tmp_path / "synth_b" / "manifest.csv")
+    assert len(synthesized) == 4
+    used = {(tmp_path / "synth_b" / p).resolve() for p in synthesized["atlas_t1w"]}
+    assert used == {(out / "models" / "atlas" / "atlas_t1w.nii.gz").resolve()}
+    (out / "models" / "atlas.json").unlink()
+    with pytest.raises(Exception) as raised:
+        run(
+            config_file=BUNDLE_CONFIGS["cg_samr"]["inference"],
+            **common,
+            **TINY_DATA,
+            **TINY_NETWORK,
+            dataset_dir=str(other),
+            inference_dir=str(tmp_path / "synth_c"),
+        )
+    causes, error = [], raised.value
+    while error is not None:
+        causes.append(str(error))
+        error = error.__cause__
+    assert any("no model atlas" in cause and "atlas='cohort'" in cause for cause in causes), causes

@@ -169,7 +169,7 @@ def test_brats_layout_problems_name_the_case(tmp_path):
         brats_cohort(tmp_path / "brats", tmp_path / "out", progress=False)
     (error,) = caught.value.errors
     assert error.patient_id == "odd_seg" and error.path == str(files["seg"])
-    assert "unknown BraTS seg value(s) [3]" in error.problem
+    assert "label value(s) [3] are not defined by the 'brats' convention" in error.problem
 
 
 # ------------------------------------------------------------------------------------------

@@ -341,3 +341,67 @@ def test_binary_dice_known_answers():
     assert binary_dice(a, ~a) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="shapes differ"):
         binary_dice(a, b[:4])
+
+
+def test_brain_masked_metrics_known_answers_and_whole_image_ssim_is_monais():
+    from monai.metrics import SSIMMetric
+
+    label = torch.as_tensor(labelled_slice())[None, None]
+    brain = torch.zeros(1, 1, SIZE, SIZE)
+    brain[..., 4:8, 4:12] = 1  # 32 brain pixels, half of them inside the SSIM map's valid region
+    target = np.zeros((SIZE, SIZE))
+    pred = target.copy()
+    pred[4:12, 4:12] = 10.0  # 10 grey levels off inside the brain, exact outside
+    pred[0:2, :] = 40.0  # large errors outside the brain only
+    metrics = SynthesisMetrics(("t1w",))
+    metrics.update(from_uint8(pred)[None, None], from_uint8(target)[None, None], label, brain, ["p1"])
+    table = metrics.aggregate()
+    assert list(table.columns) == [
+        "Edema",
+        "Cavity",
+        "Tumor",
+        "SSIM",
+        "PSNR",
+        "SSIM brain",
+        "PSNR brain",
+        "MAE brain",
+    ]
+    assert table.loc["T1w", "MAE brain"] == pytest.approx(10.0, abs=1e-3)
+    assert table.loc["T1w", "PSNR brain"] == pytest.approx(
+        20 * math.log10(255) - 10 * math.log10(100.0), abs=1e-3
+    )
+    whole_mse = (64 * 100 + 32 * 1600) / SIZE**2
+    assert table.loc["T1w", "PSNR"] == pytest.approx(
+        20 * math.log10(255) - 10 * math.log10(whole_mse), abs=1e-3
+    )
+    # Whole-image SSIM is MONAI's SSIMMetric (same window, data range 255).
+    reference = SSIMMetric(spatial_dims=2, data_range=255.0, win_size=11)
+    expected = reference(
+        torch.as_tensor(pred)[None, None].double(), torch.as_tensor(target)[None, None].double()
+    )
+    assert table.loc["T1w", "SSIM"] == pytest.approx(float(expected), abs=1e-5)
+    assert table.loc["T1w", "SSIM brain"] != pytest.approx(table.loc["T1w", "SSIM"], abs=1e-3)
+
+
+def test_per_case_rows_recompute_the_table():
+    from medsynth.metrics import table_from_cases
+
+    rng = np.random.default_rng(0)
+    metrics = SynthesisMetrics(("t1w", "flair"))
+    for batch, cases in enumerate((["a", "a", "b"], ["b", "c"])):
+        size = len(cases)
+        label = torch.as_tensor(np.stack([labelled_slice()] * size))[:, None]
+        brain = (label > 0).float()
+        target = torch.rand(size, 2, SIZE, SIZE, generator=torch.Generator().manual_seed(batch)) * 2 - 1
+        pred = (target + torch.as_tensor(rng.normal(0, 0.1, target.shape), dtype=torch.float32)).clamp(-1, 1)
+        metrics.update(pred, target, label, brain, cases)
+    table, cases = metrics.aggregate(), metrics.per_case()
+    assert sorted(cases["case"].unique()) == ["a", "b", "c"] and len(cases) == 6
+    assert cases.groupby("case")["slices"].first().to_dict() == {"a": 2, "b": 2, "c": 1}
+    recomputed = table_from_cases(cases, ("t1w", "flair"), ["Edema", "Cavity", "Tumor"])
+    pd.testing.assert_frame_equal(recomputed, table, check_exact=False, rtol=1e-9)
+    # A subset of cases is a table of its own (what a bootstrap resamples).
+    only_c = table_from_cases(cases[cases["case"] == "c"], ("t1w", "flair"), ["Edema", "Cavity", "Tumor"])
+    assert only_c.attrs["cases"] == 1 and not np.allclose(only_c["SSIM"], table["SSIM"])
+    with pytest.raises(ValueError, match="every batch or with none"):
+        metrics.update(pred, target, label)

@@ -323,7 +323,11 @@ class _ToyCycleTrainer(AdversarialTrainer):
                 for d, real, fake in ((d_a, real_a, fake_a), (d_b, real_b, fake_b))
             )
         self.optimize("discriminators", loss_d)
-        return {"loss_g": float(loss_g), "loss_cycle": float(cycle), "loss_d": float(loss_d)}
+        return {
+            "loss_g": float(loss_g.detach()),
+            "loss_cycle": float(cycle.detach()),
+            "loss_d": float(loss_d.detach()),
+        }
 
 
 def test_a_cycle_consistent_gan_is_a_short_subclass_of_the_engine(tmp_path):
@@ -377,3 +381,44 @@ def test_a_cycle_consistent_gan_is_a_short_subclass_of_the_engine(tmp_path):
     }
     with pytest.raises(ValueError, match="no optimizer for phase"):
         _ToyCycleTrainer("cpu", 1, batches, networks, {"generators": optimizers["generators"]})
+
+
+def test_sample_grids_show_the_largest_lesion_slice_and_random_lesion_slices(tmp_path):
+    from medsynth.engines import SampleGridHandler
+
+    items = _items(8)
+    for index in (1, 4, 6):  # slices without lesion
+        items[index]["label"] = (items[index]["label"] > 0).long()
+    areas = [int((item["label"] >= 2).sum()) for item in items]
+    parts = _parts(CGSAMRGenerator)
+    handler = SampleGridHandler(
+        parts["generator"], items, str(tmp_path), ["t1w", "t2w", "flair"], num_samples=3
+    )
+    chosen = handler.sample_indices()
+    assert chosen[0] == int(np.argmax(areas)) and len(chosen) == 3 and len(set(chosen)) == 3
+    assert all(areas[i] > 0 for i in chosen)
+    assert handler.sample_indices() == chosen  # the same slices every epoch
+    written = handler.write(1)
+    assert len(written) == 3 and all(p.stat().st_size > 1000 for p in written)
+    many = SampleGridHandler(parts["generator"], items, str(tmp_path), ["t1w", "t2w", "flair"], num_samples=7)
+    assert len(set(many.sample_indices())) == 7  # too few lesion slices: others fill in
+
+
+def test_training_time_estimate_is_logged_before_the_time_is_spent(caplog):
+    import logging
+
+    from medsynth.engines import TrainingTimeEstimate
+
+    batch = {
+        key: torch.stack([item[key] for item in _items(2)]) for key in ("mask", "atlas", "image", "label")
+    }
+    parts = _parts(SAMRGenerator)
+    trainer = SynthesisGANTrainer("cpu", max_epochs=3, train_data_loader=[batch] * 6, **parts)
+    estimate = TrainingTimeEstimate(warmup=1, measure=3)
+    estimate.attach(trainer)
+    with caplog.at_level(logging.INFO, logger="medsynth.engines.handlers"):
+        trainer.run()
+    messages = [r.getMessage() for r in caplog.records if r.name == "medsynth.engines.handlers"]
+    assert any("epoch = 6 iterations, 3 epoch(s) to go" in m for m in messages)
+    [line] = [m for m in messages if "at the current rate" in m]
+    assert "3 epoch(s) about" in line and estimate.seconds_per_iteration > 0

@@ -21,7 +21,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Recognise DATASET (omit it for a generated phantom cohort; a folder with manifest.csv; a BraTS "
             "folder; a CSV listing patients), derive what is missing (label maps, brain masks, splits, "
-            "group atlas), validate every patient and print patients and slices per split."
+            "group atlas; none without train patients, e.g. --split-fractions 0 0 1 for a cohort kept whole "
+            "for "
+            "testing a model), validate every patient and print patients and slices per split."
         ),
     )
     parser.add_argument(
@@ -45,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--phantom-shape", type=int, nargs=3, default=(256, 256, 15), metavar=("X", "Y", "Z"))
     parser.add_argument("--slice-selection", choices=("all", "brain", "lesion"), default="brain")
     parser.add_argument("--min-brain-fraction", type=float, default=0.05)
+    parser.add_argument(
+        "--label-convention",
+        default="medsynth",
+        help="what a CSV's label values mean: medsynth (0-4), brats, brats2023 or a JSON mapping file",
+    )
     parser.add_argument("--no-validate", action="store_true", help="skip the per-patient file checks")
     parser.set_defaults(func=run)
 
@@ -61,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         phantom_patients=args.phantom_patients,
         phantom_shape=tuple(args.phantom_shape),
         validate=not args.no_validate,
+        label_convention=args.label_convention,
     )
     if args.out is not None:
         write_manifest(manifest, args.out)

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    import json
+    from medsynth.utils.bundles import parse_overrides
 
     overrides = {}
     for key in (
@@ -71,15 +71,7 @@ def _overrides(args: argparse.Namespace) -> dict:
         overrides["ckpt_path"] = args.checkpoint
     if args.device is not None:
         overrides["device"] = f"$torch.device('{args.device}')"
-    for item in args.set:
-        if "=" not in item:
-            raise ValueError(f"--set expects ID=VALUE, got {item!r}")
-        key, text = item.split("=", 1)
-        try:
-            overrides[key] = json.loads(text)
-        except json.JSONDecodeError:
-            overrides[key] = text
-    return overrides
+    return {**overrides, **parse_overrides(args.set)}
 
 
 def run_synthesize(args: argparse.Namespace) -> int:

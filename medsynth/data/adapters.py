@@ -28,9 +28,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from medsynth.constants import (
-    BACKGROUND,
     BRAIN_MASK_THRESHOLD,
-    BRATS_SEG_TO_LABEL,
     BRATS_SEQUENCES,
     CLINICAL_SEQUENCES,
     MANIFEST_BRAIN_MASK_COLUMN,
@@ -39,6 +37,13 @@ from medsynth.constants import (
     atlas_column,
     canonical_sequence,
 )
+from medsynth.data.conventions import (
+    LABEL_CONVENTIONS,
+    PROJECT_CONVENTION,
+    LabelConvention,
+    to_project_labels,
+)
+from medsynth.data.conventions import label_convention as label_convention_of
 from medsynth.data.manifest import (
     DEFAULT_SPLIT_FRACTIONS,
     check_patient_level_split,
@@ -51,11 +56,12 @@ from medsynth.data.validation import grid_problem
 from medsynth.errors import CohortValidationError, InputDataError
 from medsynth.utils.hashing import file_digest, files_fingerprint, parts_digest
 from medsynth.utils.io import save_json, save_nifti
-from medsynth.utils.labels import unique_values
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
+# Optional user-CSV column: the label convention of the row's label map (medsynth.data.conventions).
+LABEL_CONVENTION_COLUMN = "label_convention"
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ATLAS_DIRNAME = "atlas"
 ATLAS_RECORD = "atlas.json"
@@ -262,39 +268,22 @@ def is_brats_layout(directory: str | os.PathLike) -> bool:
     return bool(find_brats_cases(directory))
 
 
-def derive_brats_label(seg: np.ndarray, sequences: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """This project's label map and the brain mask of a BraTS case (both uint8).
-
-    Outside the brain (every sequence exactly zero) -> 0; inside, BraTS ``seg`` 0 -> 1 (normal brain),
-    2 -> 2 (edema), 1 -> 3 (cavity / necrosis), 4 -> 4 (tumour). Raises ``ValueError`` on other seg values.
-    """
-    seg = np.rint(seg).astype(np.int64) if not np.issubdtype(seg.dtype, np.integer) else seg
-    unknown = sorted(set(unique_values(seg).tolist()) - set(BRATS_SEG_TO_LABEL))
-    if unknown:
-        raise ValueError(f"unknown BraTS seg value(s) {unknown} (expected {sorted(BRATS_SEG_TO_LABEL)})")
-    brain = np.zeros(seg.shape, dtype=bool)
-    for volume in sequences:
-        brain |= volume != 0
-    lookup = np.zeros(max(BRATS_SEG_TO_LABEL) + 1, dtype=np.uint8)
-    for seg_value, label_value in BRATS_SEG_TO_LABEL.items():
-        lookup[seg_value] = label_value
-    label = np.where(brain, lookup[seg], np.uint8(BACKGROUND)).astype(np.uint8)
-    return label, brain.astype(np.uint8)
-
-
 def brats_cohort(
     brats_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
     seed: int = 0,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     progress: bool = True,
+    build_atlas: bool = True,
+    label_convention: str = "brats",
 ) -> pd.DataFrame:
     """Manifest of a BraTS folder; derived label maps, brain masks and the atlas go to ``out_dir``.
 
     Sequences ``t1w, gd_t1w, t2w, flair`` point to the original files. Splits are assigned per patient
     from ``seed``. The atlas averages the brain-normalised volumes of the train split only (valid
-    because BraTS volumes share the SRI24 grid). Resumable: existing derived files are reused, and
-    ``out_dir/manifest.csv`` is written last.
+    because BraTS volumes share the SRI24 grid); ``build_atlas=False`` (a trained model's own atlas
+    will be attached) leaves the atlas columns out. Resumable: existing derived files are reused,
+    and ``out_dir/manifest.csv`` is written last.
     """
     brats_dir, out_dir = Path(brats_dir), Path(out_dir)
     cases = find_brats_cases(brats_dir)
@@ -303,6 +292,7 @@ def brats_cohort(
             f"{brats_dir}: no BraTS case found (expected <case>/<case>_{{t1,t1ce,t2,flair,seg}}.nii.gz)"
         )
     sequences = BRATS_SEQUENCES
+    convention = label_convention_of(label_convention)
     errors = []
     for case, files in cases.items():
         for key in (*sequences, "seg"):
@@ -322,7 +312,7 @@ def brats_cohort(
         brain_path = out_dir / name / f"{name}_brainmask.nii.gz"
         if not _is_up_to_date([label_path, brain_path], [files[k] for k in (*sequences, "seg")]):
             try:
-                _write_brats_derived(files, sequences, label_path, brain_path, case)
+                _write_brats_derived(files, sequences, label_path, brain_path, case, convention)
             except InputDataError as error:
                 errors.append(error)
                 continue
@@ -338,28 +328,34 @@ def brats_cohort(
     if errors:
         raise CohortValidationError(errors)
     manifest = pd.DataFrame(rows)
-    manifest = _attach_group_atlas(manifest, sequences, out_dir / ATLAS_DIRNAME, progress)
+    if build_atlas:
+        manifest = _attach_group_atlas(manifest, sequences, out_dir / ATLAS_DIRNAME, progress)
     write_manifest(manifest, out_dir / MANIFEST_NAME)
     return manifest
 
 
 def _write_brats_derived(
-    files: Mapping[str, str], sequences: Sequence[str], label_path: Path, brain_path: Path, case: str
+    files: Mapping[str, str],
+    sequences: Sequence[str],
+    label_path: Path,
+    brain_path: Path,
+    case: str,
+    convention: LabelConvention,
 ) -> None:
     seg, seg_image = _load_volume(files["seg"])
-    volumes = []
+    brain = np.zeros(seg.shape, dtype=bool)
     for sequence in sequences:
         data, image = _load_volume(files[sequence])
         problem = grid_problem(image, seg_image, "seg", sequence)
         if problem:
             raise InputDataError(problem, files[sequence], case)
-        volumes.append(data)
+        brain |= data != 0
     try:
-        label, brain = derive_brats_label(seg, volumes)
+        label = to_project_labels(seg, convention, brain)
     except ValueError as error:
         raise InputDataError(str(error), files["seg"], case) from error
     # Brain mask first: the label map is the completion marker of a case.
-    save_nifti(brain, seg_image.affine, brain_path, dtype=np.uint8)
+    save_nifti(brain.astype(np.uint8), seg_image.affine, brain_path, dtype=np.uint8)
     save_nifti(label, seg_image.affine, label_path, dtype=np.uint8)
 
 
@@ -367,6 +363,9 @@ def _attach_group_atlas(
     manifest: pd.DataFrame, sequences: Sequence[str], atlas_dir: Path, progress: bool
 ) -> pd.DataFrame:
     train = manifest[manifest["split"] == "train"]
+    if train.empty:
+        logger.info("no train patient: no group atlas is built (a trained model brings its own)")
+        return manifest
     atlas = build_group_atlas(
         {row["patient_id"]: {s: row[s] for s in sequences} for _, row in train.iterrows()},
         {row["patient_id"]: row[MANIFEST_BRAIN_MASK_COLUMN] for _, row in train.iterrows()},
@@ -390,7 +389,13 @@ def canonical_csv_columns(columns: Sequence[str]) -> dict[str, str]:
     Columns that are neither an id, a split, a label, a brain mask nor a (possibly aliased)
     sequence or atlas column are kept as they are. Two columns mapping to one name is an error.
     """
-    fixed = {"patient_id", "split", MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN}
+    fixed = {
+        "patient_id",
+        "split",
+        MANIFEST_LABEL_COLUMN,
+        MANIFEST_BRAIN_MASK_COLUMN,
+        LABEL_CONVENTION_COLUMN,
+    }
     mapping: dict[str, str] = {}
     for column in columns:
         key = column.strip().lower()
@@ -419,8 +424,14 @@ def user_csv_cohort(
     seed: int = 0,
     split_fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
     progress: bool = True,
+    build_atlas: bool = True,
+    label_convention: str = PROJECT_CONVENTION,
 ) -> pd.DataFrame:
     """Manifest from a user CSV (paths relative to the CSV's folder or absolute).
+
+    The label maps are in ``label_convention`` (:mod:`medsynth.data.conventions`: ``"medsynth"``,
+    ``"brats"``, ``"brats2023"`` or a mapping file), or in the row's ``label_convention`` column when
+    the CSV has one; maps of another convention are converted into ``out_dir``.
 
     Missing pieces are derived into ``out_dir``: brain masks (``label > 0``), splits (from ``seed``),
     and the group atlas of the train split (requires all train volumes on one grid; a ``ValueError``
@@ -443,7 +454,8 @@ def user_csv_cohort(
         raise ValueError(
             f"{csv_path}: {error} (aliases such as t1, t1ce, t2, flair, apt are accepted)"
         ) from None
-    ignored = [c for c in table.columns if c not in {"patient_id", "split", *_manifest_columns(sequences)}]
+    known = {"patient_id", "split", LABEL_CONVENTION_COLUMN, *_manifest_columns(sequences)}
+    ignored = [c for c in table.columns if c not in known]
     if ignored:
         logger.info("%s: ignoring column(s) %s", csv_path.name, ignored)
     table["patient_id"] = table["patient_id"].str.strip()
@@ -474,6 +486,30 @@ def user_csv_cohort(
 
     if MANIFEST_BRAIN_MASK_COLUMN not in table.columns:
         table[MANIFEST_BRAIN_MASK_COLUMN] = ""
+    declared = table[LABEL_CONVENTION_COLUMN] if LABEL_CONVENTION_COLUMN in table.columns else None
+    errors = []
+    for index, row in table.iterrows():
+        spec = (
+            str(declared[index]).strip()
+            if declared is not None and str(declared[index]).strip()
+            else label_convention
+        )
+        try:
+            convention = label_convention_of(spec)
+        except ValueError as error:
+            errors.append(InputDataError(str(error), csv_path, str(row["patient_id"])))
+            continue
+        if convention.values is not None:
+            try:
+                label, brain = _converted_label(row, convention, sequences, out_dir)
+            except InputDataError as error:
+                errors.append(error)
+                continue
+            table.at[index, MANIFEST_LABEL_COLUMN] = str(label)
+            if not row[MANIFEST_BRAIN_MASK_COLUMN]:
+                table.at[index, MANIFEST_BRAIN_MASK_COLUMN] = str(brain)
+    if errors:
+        raise CohortValidationError(errors)
     for index, row in table.iterrows():
         if not row[MANIFEST_BRAIN_MASK_COLUMN]:
             table.at[index, MANIFEST_BRAIN_MASK_COLUMN] = str(_brain_mask_from_label(row, out_dir))
@@ -485,9 +521,10 @@ def user_csv_cohort(
             f"{csv_path}: atlas columns must be given for every sequence or for none; "
             f"have {present}, missing {sorted(set(atlas_columns) - set(present))}"
         )
-    if not present:
+    if not present and build_atlas:
         table = _attach_group_atlas(table, sequences, out_dir / ATLAS_DIRNAME, progress)
-    manifest = table[["patient_id", "split", *_manifest_columns(sequences)]].reset_index(drop=True)
+    columns = [c for c in ["patient_id", "split", *_manifest_columns(sequences)] if c in table.columns]
+    manifest = table[columns].reset_index(drop=True)
     write_manifest(manifest, out_dir / MANIFEST_NAME)
     return manifest
 
@@ -499,6 +536,52 @@ def _manifest_columns(sequences: Sequence[str]) -> list[str]:
         MANIFEST_BRAIN_MASK_COLUMN,
         *(atlas_column(s) for s in sequences),
     ]
+
+
+def _converted_label(
+    row: Mapping[str, str], convention: LabelConvention, sequences: Sequence[str], out_dir: Path
+) -> tuple[Path, Path]:
+    """The row's label map in the project's convention, and the brain it was converted in (derived files).
+
+    The brain is the row's brain mask when it has one, else every voxel where a sequence is non-zero
+    (skull-stripped images, as in BraTS).
+    """
+    pid = _safe_name(str(row["patient_id"]))
+    source = row[MANIFEST_LABEL_COLUMN]
+    if not source or not os.path.isfile(source):
+        raise InputDataError("label file does not exist", source or None, pid)
+    key = (
+        convention.name if convention.name in LABEL_CONVENTIONS else f"map{file_digest(convention.name)[:8]}"
+    )
+    label_path = out_dir / pid / f"{pid}_label_from_{key}.nii.gz"
+    brain_path = out_dir / pid / f"{pid}_brainmask.nii.gz"
+    brain_source = row.get(MANIFEST_BRAIN_MASK_COLUMN, "")
+    inputs = [source, brain_source] if brain_source else [source, *(row[s] for s in sequences if row.get(s))]
+    if _is_up_to_date([label_path, brain_path] if not brain_source else [label_path], inputs):
+        return label_path, brain_path
+    seg, image = _load_volume(source)
+    if brain_source:
+        brain = _load_volume(brain_source)[0] >= BRAIN_MASK_THRESHOLD
+    else:
+        brain = np.zeros(seg.shape, dtype=bool)
+        for sequence in sequences:
+            volume, volume_image = _load_volume(row[sequence])
+            problem = grid_problem(volume_image, image, MANIFEST_LABEL_COLUMN, sequence)
+            if problem:
+                raise InputDataError(problem, row[sequence], pid)
+            brain |= volume != 0
+        save_nifti(brain.astype(np.uint8), image.affine, brain_path, dtype=np.uint8)
+    if brain.shape != seg.shape:
+        raise InputDataError(
+            f"brain mask shape {brain.shape} differs from the label map's {seg.shape}", brain_source, pid
+        )
+    try:
+        label = to_project_labels(seg, convention, brain)
+    except ValueError as error:
+        raise InputDataError(str(error), source, pid) from error
+    save_nifti(label, image.affine, label_path, dtype=np.uint8)
+    logger.info("%s: label map converted from the %r convention", pid, convention.name)
+    return label_path, brain_path
 
 
 def _brain_mask_from_label(row: Mapping[str, str], out_dir: Path) -> Path:
@@ -522,8 +605,9 @@ def user_csv_fingerprint(csv_path: str | os.PathLike, seed: int, split_fractions
     return parts_digest(csv_path.resolve(), file_digest(csv_path), seed, tuple(split_fractions))
 
 
-def brats_fingerprint(brats_dir: str | os.PathLike, seed: int, split_fractions: Sequence[float]) -> str:
-    """Names the derived-files folder of a BraTS folder (location, cases, seed, fractions)."""
-    return parts_digest(
-        Path(brats_dir).resolve(), sorted(find_brats_cases(brats_dir)), seed, tuple(split_fractions)
-    )
+def brats_fingerprint(
+    brats_dir: str | os.PathLike, seed: int, split_fractions: Sequence[float], label_convention: str = "brats"
+) -> str:
+    """Names the derived-files folder of a BraTS folder (location, cases, seed, fractions, convention)."""
+    parts = [Path(brats_dir).resolve(), sorted(find_brats_cases(brats_dir)), seed, tuple(split_fractions)]
+    return parts_digest(*parts, *([] if label_convention == "brats" else [label_convention]))

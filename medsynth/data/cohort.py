@@ -27,6 +27,7 @@ from medsynth.data.adapters import (
     user_csv_cohort,
     user_csv_fingerprint,
 )
+from medsynth.data.conventions import PROJECT_CONVENTION
 from medsynth.data.manifest import (
     DEFAULT_SPLIT_FRACTIONS,
     check_patient_level_split,
@@ -111,6 +112,8 @@ def resolve_cohort(
     phantom_shape: Sequence[int] = (256, 256, 15),
     validate: bool = True,
     progress: bool = True,
+    build_atlas: bool = True,
+    label_convention: str = PROJECT_CONVENTION,
 ) -> pd.DataFrame:
     """The validated manifest (absolute paths) of ``dataset_dir``.
 
@@ -128,6 +131,11 @@ def resolve_cohort(
         validate: check every patient (:func:`validate_cohort`); a passed check is recorded in
             ``cache_dir/validated`` and not repeated while no file changes.
         progress: show progress bars.
+        build_atlas: build a group atlas from the train split where the source has none (BraTS, CSV);
+            ``False`` when a trained model's atlas will be used (:mod:`medsynth.data.atlas`).
+        label_convention: what the values of a CSV's label maps mean (:mod:`medsynth.data.conventions`;
+            a ``label_convention`` column overrides it per row); for a BraTS folder ``"brats"`` (the
+            default there) or ``"brats2023"``. Ready and phantom cohorts are in the project's.
 
     Raises:
         ValueError: the source is not recognised (the message lists what was looked for).
@@ -150,6 +158,8 @@ def resolve_cohort(
             phantom_shape,
             validate,
             progress,
+            build_atlas,
+            label_convention,
         )
 
 
@@ -163,17 +173,24 @@ def _resolve_cohort_locked(
     phantom_shape: Sequence[int],
     validate: bool,
     progress: bool,
+    build_atlas: bool,
+    label_convention: str,
 ) -> pd.DataFrame:
     if source == "phantom":
         manifest = _phantom_cohort(cache_dir, seed, phantom_patients, phantom_shape, split_fractions)
     elif source == "ready":
         manifest = read_ready_cohort(dataset_dir)
     elif source == "brats":
-        out_dir = cache_dir / f"brats_{brats_fingerprint(dataset_dir, seed, split_fractions)}"
-        manifest = brats_cohort(dataset_dir, out_dir, seed, split_fractions, progress)
+        convention = "brats" if label_convention == PROJECT_CONVENTION else label_convention
+        out_dir = cache_dir / f"brats_{brats_fingerprint(dataset_dir, seed, split_fractions, convention)}"
+        manifest = brats_cohort(
+            dataset_dir, out_dir, seed, split_fractions, progress, build_atlas, convention
+        )
     else:
         out_dir = cache_dir / f"csv_{user_csv_fingerprint(dataset_dir, seed, split_fractions)}"
-        manifest = user_csv_cohort(dataset_dir, out_dir, seed, split_fractions, progress)
+        manifest = user_csv_cohort(
+            dataset_dir, out_dir, seed, split_fractions, progress, build_atlas, label_convention
+        )
     check_patient_level_split(manifest)
     if validate:
         workers = min(4, os.cpu_count() or 1)  # reading is mostly gzip inflation, which releases the GIL

@@ -140,7 +140,8 @@ def atlas_volume_transforms(
 
 
 def slice_table(manifest: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
-    """Per axial slice of every patient: ``patient_id, split, slice_index, brain_fraction, has_lesion``.
+    """Per axial slice of every patient: ``patient_id, split, slice_index, brain_fraction,
+    lesion_fraction, has_lesion``.
 
     Reads only the label maps and brain masks (RAS-oriented, on their own grid).
     """
@@ -158,11 +159,12 @@ def slice_table(manifest: pd.DataFrame, progress: bool = True) -> pd.DataFrame:
                     "split": row["split"],
                     "slice_index": np.arange(len(stats["brain_fraction"])),
                     "brain_fraction": stats["brain_fraction"],
+                    "lesion_fraction": stats["lesion_fraction"],
                     "has_lesion": stats["has_lesion"],
                 }
             )
         )
-    columns = ["patient_id", "split", "slice_index", "brain_fraction", "has_lesion"]
+    columns = ["patient_id", "split", "slice_index", "brain_fraction", "lesion_fraction", "has_lesion"]
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
@@ -271,7 +273,7 @@ def make_slice_dataset(
 
     Args:
         manifest: cohort manifest with absolute paths (:func:`medsynth.data.cohort.resolve_cohort`).
-        splits: ``"train"``, ``"val"``, ``"test"`` or several of them.
+        splits: ``"train"``, ``"val"``, ``"test"``, several of them, or ``"all"``.
         image_size: height and width of every item.
         slice_selection: ``"all"``, ``"brain"`` (brain fraction of the slice >= ``min_brain_fraction``)
             or ``"lesion"`` (slices holding lesion labels).
@@ -284,7 +286,7 @@ def make_slice_dataset(
         crop_tolerance: see :class:`medsynth.transforms.slices.FitInPlane`.
         progress: show progress bars.
     """
-    split_list = [splits] if isinstance(splits, str) else list(splits)
+    split_list = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else list(splits)
     unknown = sorted(set(split_list) - set(SPLITS))
     if unknown:
         raise ValueError(f"unknown split(s) {unknown}; allowed: {list(SPLITS)}")

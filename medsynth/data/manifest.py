@@ -55,7 +55,8 @@ def split_patients(
 
     The patients are sorted before shuffling so the result does not depend on listing order.
     Every split with a positive fraction gets at least one patient when there are enough patients,
-    and ``train`` is never empty.
+    and ``train`` is empty only when its fraction is 0 (a cohort kept whole for testing a trained
+    model: ``(0, 0, 1)``).
     """
     ids = sorted(set(patient_ids))
     if not ids:
@@ -74,7 +75,7 @@ def split_patients(
         if counts[index] == 0 and counts.max() > 1:
             counts[int(np.argmax(counts))] -= 1
             counts[index] += 1
-    if counts[0] == 0:
+    if counts[0] == 0 and weights[0] > 0:
         raise ValueError("the train split would be empty; give it a positive fraction")
     assignment: dict[str, str] = {}
     start = 0

@@ -27,6 +27,7 @@ from medsynth.constants import (
     MANIFEST_LABEL_COLUMN,
     atlas_column,
 )
+from medsynth.data.conventions import foreign_convention_problem
 from medsynth.data.manifest import check_patient_level_split, path_columns, sequences_of
 from medsynth.errors import CohortValidationError, InputDataError
 from medsynth.utils.geometry import AFFINE_ATOL_MM
@@ -171,6 +172,9 @@ def _label_problems(label: np.ndarray, path: str, pid: str) -> list[InputDataErr
         return [InputDataError(f"label map {problem}", path, pid)]
     if not np.any(label > 0):
         return [InputDataError("label map has no brain (every voxel is background 0)", path, pid)]
+    foreign = foreign_convention_problem(label)
+    if foreign is not None:
+        return [InputDataError(f"label map {foreign}", path, pid)]
     return []
 
 
@@ -214,6 +218,12 @@ def validate_cohort(
             logger.debug("cohort already validated (%s)", record)
             return
     sequences = sequences_of(manifest)
+    atlas_columns = [atlas_column(s) for s in sequences]
+    if check_atlas and not any(c in manifest.columns and (manifest[c] != "").any() for c in atlas_columns):
+        logger.info(
+            "the cohort has no atlas columns: atlas checks skipped (a trained model brings its atlas)"
+        )
+        check_atlas = False
     rows = [row for _, row in manifest.iterrows()]
     errors: list[InputDataError] = []
     with ThreadPoolExecutor(max(1, num_workers)) as pool:

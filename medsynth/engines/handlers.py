@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import re
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from monai.handlers import CheckpointLoader, ValidationHandler
 from monai.networks.utils import eval_mode
 from torch.utils.data import default_collate
 
-from medsynth.constants import SEQUENCE_TITLES
+from medsynth.constants import LESION_LABELS, SEQUENCE_TITLES
 from medsynth.engines.adversarial import unwrap
 from medsynth.engines.utils import GENERATOR_CALL, TRAINING_BATCH
 from medsynth.utils.io import atomic_path, save_json
@@ -107,6 +108,97 @@ class ResumeCheckpointLoader:
             )
             self.loaded_path = str(path)
             return
+
+
+class ModelAtlasSaver:
+    """At the start of training, save the training split's atlas beside the weights
+    (:func:`medsynth.data.atlas.save_model_atlas`): evaluation and inference use it on other cohorts.
+
+    Args:
+        manifest: the training cohort.
+        save_dir: the model folder (``<output_dir>/models``).
+    """
+
+    def __init__(self, manifest: Any, save_dir: str) -> None:
+        self.manifest = manifest
+        self.save_dir = save_dir
+        self.record: dict | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from medsynth.data.atlas import save_model_atlas
+
+        self.record = save_model_atlas(self.manifest, self.save_dir)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class TrainingTimeEstimate:
+    """Say how long training will take before the time is spent.
+
+    At the start: the iterations per epoch and the epochs left. After ``measure`` iterations of the
+    run (the first ``warmup`` ones, which build caches and allocate memory, not counted): the time
+    per epoch at that rate and for the remaining epochs, e.g. "epoch = 181 iterations, about 14 min
+    at the current rate; 16 epochs about 3.7 h". Validation and checkpoints come on top.
+
+    Args:
+        warmup: first iterations not timed.
+        measure: iterations timed.
+    """
+
+    def __init__(self, warmup: int = 1, measure: int = 5) -> None:
+        if warmup < 0 or measure < 1:
+            raise ValueError(f"need warmup >= 0 and measure >= 1, got {warmup}, {measure}")
+        self.warmup = warmup
+        self.measure = measure
+        self.seconds_per_iteration: float | None = None
+        self._seen = 0
+        self._start = 0.0
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+
+    def _epochs_left(self, engine: Engine) -> int:
+        return int(engine.state.max_epochs) - int(engine.state.epoch)
+
+    def started(self, engine: Engine) -> None:
+        self._seen = 0
+        self.seconds_per_iteration = None
+        self._start = time.perf_counter()
+        logger.info(
+            "training: epoch = %s iterations, %d epoch(s) to go (time estimate after %d iterations)",
+            engine.state.epoch_length,
+            self._epochs_left(engine),
+            self.warmup + self.measure,
+        )
+
+    def iteration_completed(self, engine: Engine) -> None:
+        self._seen += 1
+        if self._seen == self.warmup:
+            self._start = time.perf_counter()
+        if self._seen != self.warmup + self.measure:
+            return
+        self.seconds_per_iteration = (time.perf_counter() - self._start) / self.measure
+        epoch_seconds = self.seconds_per_iteration * int(engine.state.epoch_length or 0)
+        left = self._epochs_left(engine) + 1  # the current epoch included
+        logger.info(
+            "training: epoch = %s iterations, about %s at the current rate (%.2f s per iteration); "
+            "%d epoch(s) about %s, validation and checkpoints not counted",
+            engine.state.epoch_length,
+            _duration(epoch_seconds),
+            self.seconds_per_iteration,
+            left,
+            _duration(epoch_seconds * left),
+        )
 
 
 class CheckpointPruner:
@@ -237,18 +329,23 @@ class SampleGridHandler:
     """Every ``interval`` epochs (and after the last one) draw a PNG per sample: one row per sequence,
     columns mask | real | synthesized | confidence (the last for CG-SAMR only).
 
-    The samples are fixed dataset items (evenly spaced), so the grids of successive epochs show the
-    same slices and the progress of the model is easy to follow.
+    The samples are lesion slices: the slice with the largest lesion area of the dataset, then
+    slices drawn at random (seeded) among the other lesion slices; slices without lesion only when
+    the dataset has too few with one. They are chosen once, so the grids of successive epochs show
+    the same slices and the progress of the model is easy to follow.
 
     Args:
         generator: the synthesis generator (returns a dict with ``"images"``).
-        dataset: items with ``mask``, ``atlas``, ``image`` and ``label``.
+        dataset: items with ``mask``, ``atlas``, ``image`` and ``label``; when it has a ``slice_table``
+            with ``lesion_fraction`` (:class:`medsynth.data.dataset.SliceDataset`) the lesion areas
+            are read from it, else from the items' label maps.
         output_dir: PNG folder.
         sequences: sequence keys in channel order (row titles).
         interval: epochs between grids.
         num_samples: number of dataset items drawn.
         device: where the generator runs.
         generator_call: feeds the generator from the collated items (default ``generator(mask, atlas)``).
+        seed: seed of the random lesion slices.
     """
 
     def __init__(
@@ -261,6 +358,7 @@ class SampleGridHandler:
         num_samples: int = 2,
         device: str | torch.device = "cpu",
         generator_call: Callable = GENERATOR_CALL,
+        seed: int = 0,
     ) -> None:
         if interval < 1:
             raise ValueError(f"sample interval must be at least 1, got {interval}")
@@ -272,14 +370,39 @@ class SampleGridHandler:
         self.num_samples = num_samples
         self.device = torch.device(device)
         self.generator_call = generator_call
+        self.seed = seed
         self.written: list[Path] = []
+        self._indices: list[int] | None = None
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_every_or_last(self.interval)), self)
 
+    def _lesion_areas(self) -> np.ndarray:
+        table = getattr(self.dataset, "slice_table", None)
+        if table is not None and "lesion_fraction" in table and len(table) == len(self.dataset):
+            return table["lesion_fraction"].to_numpy(dtype=float)
+        areas = []
+        for index in range(len(self.dataset)):
+            label = np.asarray(self.dataset[index]["label"])
+            areas.append(float(np.isin(label, LESION_LABELS).sum()))
+        return np.asarray(areas)
+
     def sample_indices(self) -> list[int]:
-        count = min(self.num_samples, len(self.dataset))
-        return sorted({int(i) for i in np.linspace(0, len(self.dataset) - 1, count)}) if count else []
+        """The items drawn (see the class docstring), chosen on the first call."""
+        if self._indices is None:
+            count = min(self.num_samples, len(self.dataset))
+            areas = self._lesion_areas() if count else np.zeros(0)
+            lesion = [int(i) for i in np.argsort(-areas, kind="stable") if areas[i] > 0]
+            chosen = lesion[:1]
+            rest = np.random.default_rng(self.seed).permutation(lesion[1:]).tolist()
+            chosen += [int(i) for i in rest[: count - len(chosen)]]
+            if len(chosen) < count:  # too few lesion slices: the largest brain slices, evenly spaced
+                others = [
+                    i for i in np.linspace(0, len(self.dataset) - 1, count).astype(int) if i not in chosen
+                ]
+                chosen += [int(i) for i in others[: count - len(chosen)]]
+            self._indices = chosen
+        return list(self._indices)
 
     def __call__(self, engine: Engine) -> None:
         self.write(engine.state.epoch)
@@ -330,17 +453,32 @@ class SampleGridHandler:
         return paths
 
 
+def _synthesis_output(output: Mapping[str, Any]) -> tuple:
+    """``(pred, image, label, brain_mask, patient_id)`` of a synthesis evaluator's output (the last two
+    ``None`` when the batch has none)."""
+    return (
+        output["pred"],
+        output["image"],
+        output["label"],
+        output.get("brain_mask"),
+        output.get("patient_id"),
+    )
+
+
 class SynthesisQualityMetric(Metric):
-    """Ignite metric over :class:`medsynth.metrics.SynthesisMetrics` (the papers' Table I).
+    """Ignite metric over :class:`medsynth.metrics.SynthesisMetrics` (the papers' Table I, plus the
+    brain-masked columns when the batches carry ``brain_mask``).
 
     ``compute()`` returns the mean SSIM over sequences, so the metric can be an evaluator's key
-    metric; the full table is left in ``engine.state.metric_details[name]``.
+    metric; the full table is left in ``engine.state.metric_details[name]`` and the per-case rows
+    (:meth:`~medsynth.metrics.SynthesisMetrics.per_case`) in ``engine.state.metric_details[name + "_cases"]``.
 
     Args:
         sequences: sequence keys in channel order.
         tolerance: pixel-accuracy tolerance, in the metric's intensity units.
-        output_transform: maps ``engine.state.output`` to ``(pred, target, label)``; the default
-            reads the ``pred``, ``image`` and ``label`` entries of the synthesis evaluator's output.
+        output_transform: maps ``engine.state.output`` to ``(pred, target, label[, brain_mask,
+            case_ids])``; the default reads ``pred``, ``image``, ``label``, ``brain_mask`` and
+            ``patient_id`` of the synthesis evaluator's output.
         summary: the name of the scalar :meth:`compute` returns, a key of :func:`table_summary`.
     """
 
@@ -348,13 +486,14 @@ class SynthesisQualityMetric(Metric):
         self,
         sequences: Sequence[str],
         tolerance: float = 16,
-        output_transform: Callable = lambda output: (output["pred"], output["image"], output["label"]),
+        output_transform: Callable = _synthesis_output,
         summary: str = "mean_ssim",
     ) -> None:
         self.sequences = list(sequences)
         self.tolerance = tolerance
         self.summary = summary
         self.table = None
+        self.cases = None
         super().__init__(output_transform=output_transform)
 
     def reset(self) -> None:
@@ -362,12 +501,14 @@ class SynthesisQualityMetric(Metric):
 
         self._metrics = SynthesisMetrics(self.sequences, tolerance=self.tolerance)
 
-    def update(self, output: Sequence[torch.Tensor]) -> None:
-        pred, target, label = output
-        self._metrics.update(pred, target, label)
+    def update(self, output: Sequence[Any]) -> None:
+        pred, target, label, *rest = output
+        brain_mask, case_ids = (list(rest) + [None, None])[:2]
+        self._metrics.update(pred, target, label, brain_mask, case_ids)
 
     def compute(self) -> float:
         self.table = self._metrics.aggregate()
+        self.cases = self._metrics.per_case()
         return float(table_summary(self.table, self.sequences)[self.summary])
 
     def completed(self, engine: Engine, name: str) -> None:
@@ -375,12 +516,14 @@ class SynthesisQualityMetric(Metric):
         if not hasattr(engine.state, "metric_details") or engine.state.metric_details is None:
             engine.state.metric_details = {}
         engine.state.metric_details[name] = self.table
+        engine.state.metric_details[f"{name}_cases"] = self.cases
 
 
 def table_summary(table: Any, sequences: Sequence[str] | None = None) -> dict[str, float]:
     """Flat numbers of a Table I data frame (:meth:`medsynth.metrics.SynthesisMetrics.aggregate`):
-    every cell as ``<row>/<column>`` plus ``mean_ssim``, ``mean_psnr`` and ``mean_<class>_accuracy``
-    from the average row (the mean over sequences)."""
+    every cell as ``<row>/<column>`` plus, from the average row (the mean over sequences),
+    ``mean_ssim``, ``mean_psnr``, ``mean_<class>_accuracy`` and, when present, ``mean_ssim_brain``,
+    ``mean_psnr_brain`` and ``mean_mae_brain``."""
     from medsynth.metrics import AVERAGE_ROW
 
     flat: dict[str, float] = {}
@@ -389,15 +532,17 @@ def table_summary(table: Any, sequences: Sequence[str] | None = None) -> dict[st
             flat[f"{row_name}/{column}"] = float(value)
     average = table.loc[AVERAGE_ROW]
     for column, value in average.items():
-        name = str(column).lower()
-        key = f"mean_{name}" if name in ("ssim", "psnr") else f"mean_{name}_accuracy"
+        name = str(column).lower().replace(" ", "_")
+        key = f"mean_{name}" if name.split("_")[0] in ("ssim", "psnr", "mae") else f"mean_{name}_accuracy"
         flat[key] = float(value)
     return flat
 
 
 class MetricsTableWriter:
-    """After each evaluation write the Table I details of ``metric_name`` as CSV + Markdown and a
-    ``metrics.json`` with the flat numbers (attach to the evaluator).
+    """After each evaluation write the Table I details of ``metric_name`` as CSV + Markdown, the
+    per-case rows behind them as ``<table_name>_cases.csv`` (from which any table can be recomputed,
+    :func:`medsynth.metrics.table_from_cases`), and a ``metrics.json`` with the flat numbers (attach
+    to the evaluator).
 
     Args:
         output_dir: folder of the tables.
@@ -405,6 +550,7 @@ class MetricsTableWriter:
         metric_name: name under which :class:`SynthesisQualityMetric` is attached.
         table_name: file stem of the CSV / Markdown table.
         global_epoch_fn: returns the epoch recorded in ``metrics.json`` (default: the engine's epoch).
+        extra: further entries of ``metrics.json`` (e.g. the dataset and the atlas evaluated with).
     """
 
     def __init__(
@@ -414,12 +560,14 @@ class MetricsTableWriter:
         metric_name: str = "mean_ssim",
         table_name: str = "table1",
         global_epoch_fn: Callable[[Engine], int] | None = None,
+        extra: Mapping[str, Any] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.sequences = list(sequences)
         self.metric_name = metric_name
         self.table_name = table_name
         self.global_epoch_fn = global_epoch_fn
+        self.extra = dict(extra or {})
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
@@ -433,13 +581,32 @@ class MetricsTableWriter:
                 f"no table for metric {self.metric_name!r}; attach SynthesisQualityMetric first"
             )
         write_table(table, self.output_dir, self.table_name)
+        cases = engine.state.metric_details.get(f"{self.metric_name}_cases")
+        if cases is not None:
+            with atomic_path(self.output_dir / f"{self.table_name}_cases.csv") as tmp:
+                cases.to_csv(tmp, index=False)
         epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
         summary = table_summary(table, self.sequences)
-        save_json({"epoch": epoch, "sequences": self.sequences, **summary}, self.output_dir / "metrics.json")
+        record = {
+            "epoch": epoch,
+            "sequences": self.sequences,
+            "cases": table.attrs.get("cases"),
+            **self.extra,
+        }
+        save_json({**record, **summary}, self.output_dir / "metrics.json")
+        brain = (
+            f", in the brain SSIM {summary['mean_ssim_brain']:.4f}, PSNR {summary['mean_psnr_brain']:.2f} "
+            f"dB, "
+            f"MAE {summary['mean_mae_brain']:.1f} grey levels"
+            if "mean_mae_brain" in summary
+            else ""
+        )
         logger.info(
-            "epoch %d: mean SSIM %.4f, mean PSNR %.2f dB (tables in %s)",
+            "epoch %d: mean SSIM %.4f, mean PSNR %.2f dB%s (%s cases; tables in %s)",
             epoch,
             summary["mean_ssim"],
             summary["mean_psnr"],
+            brain,
+            table.attrs.get("cases", "?"),
             self.output_dir,
         )

@@ -42,12 +42,14 @@ class PrepareDictBatch:
 
     Tensors of ``integer_keys`` become int64, the other ``keys`` float32 (MetaTensors become plain
     tensors, which keeps the networks' outputs plain as well); ``extra_keys`` that are present are
-    passed through unchanged (patient ids, slice indices, windows for the metrics).
+    passed through unchanged (patient ids, slice indices, windows for the metrics), and
+    ``optional_keys`` that are present are prepared like ``keys``.
 
     Args:
         keys: the tensors every batch must hold.
         integer_keys: those of ``keys`` that hold integer label maps.
         extra_keys: optional entries passed through when present.
+        optional_keys: optional tensors moved to the device (float32) when present.
     """
 
     def __init__(
@@ -55,8 +57,10 @@ class PrepareDictBatch:
         keys: Sequence[str] = ("mask", "atlas", "image", "label"),
         integer_keys: Sequence[str] = ("label",),
         extra_keys: Sequence[str] = (),
+        optional_keys: Sequence[str] = (),
     ) -> None:
         self.keys = tuple(keys)
+        self.optional_keys = tuple(optional_keys)
         self.integer_keys = frozenset(integer_keys)
         self.extra_keys = tuple(extra_keys)
 
@@ -71,7 +75,7 @@ class PrepareDictBatch:
         if missing:
             raise KeyError(f"a batch needs the keys {list(self.keys)}; missing {missing}")
         out: dict[str, Any] = {}
-        for key in self.keys:
+        for key in (*self.keys, *(k for k in self.optional_keys if k in batchdata)):
             value = torch.as_tensor(batchdata[key])
             if hasattr(value, "as_tensor"):
                 value = value.as_tensor()
@@ -115,7 +119,9 @@ class BatchCall:
 # The defaults of the SAMR-family engines (module-level, so that argument defaults are not calls).
 TRAINING_BATCH = PrepareDictBatch(("mask", "atlas", "image", "label"))
 EVALUATION_BATCH = PrepareDictBatch(
-    ("mask", "atlas", "image", "label"), extra_keys=("window", "patient_id", "slice_index")
+    ("mask", "atlas", "image", "label"),
+    extra_keys=("window", "patient_id", "slice_index"),
+    optional_keys=("brain_mask",),
 )
 GENERATOR_CALL = BatchCall(("mask", "atlas"))
 DISCRIMINATOR_CALL = BatchCall(("mask", "image", "atlas"))

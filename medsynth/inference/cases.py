@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-import os
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,45 +15,20 @@ from typing import Any
 import pandas as pd
 
 from medsynth.constants import (
-    CLINICAL_SEQUENCES,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     MANIPULATIONS,
     atlas_column,
-    canonical_sequence,
 )
+from medsynth.data.atlas import find_atlas_files
 from medsynth.errors import InputDataError
 from medsynth.inference.transforms import source_file_key
 
-__all__ = ["find_atlas_files", "synthesis_cases", "synthesis_inputs"]
+logger = logging.getLogger(__name__)
 
-_NIFTI_SUFFIXES = (".nii.gz", ".nii")
+__all__ = ["find_atlas_files", "synthesis_cases", "synthesis_inputs"]  # find_atlas_files: re-exported
+
 _DONOR_MANIPULATIONS = ("transplant", "random")
-
-
-def find_atlas_files(atlas_dir: str | os.PathLike, sequences: Sequence[str] | None = None) -> dict[str, str]:
-    """Atlas NIfTI files of a folder by sequence: ``atlas_<seq>.nii.gz`` or ``<seq>.nii.gz`` (aliases such
-    as ``t1ce`` or ``T2`` are recognised). Raises :class:`InputDataError` when a sequence is missing."""
-    folder = Path(atlas_dir)
-    if not folder.is_dir():
-        raise InputDataError("atlas folder does not exist", path=folder)
-    found: dict[str, str] = {}
-    for path in sorted(folder.iterdir()):
-        stem = next((path.name[: -len(s)] for s in _NIFTI_SUFFIXES if path.name.lower().endswith(s)), None)
-        if stem is None:
-            continue
-        stem = stem[len("atlas_") :] if stem.lower().startswith("atlas_") else stem
-        try:
-            found.setdefault(canonical_sequence(stem), str(path))
-        except ValueError:
-            continue
-    wanted = list(sequences) if sequences is not None else [s for s in CLINICAL_SEQUENCES if s in found]
-    missing = [s for s in wanted if s not in found]
-    if missing or not wanted:
-        raise InputDataError(
-            f"no atlas file for sequence(s) {missing or list(CLINICAL_SEQUENCES)}", path=folder
-        )
-    return {s: found[s] for s in wanted}
 
 
 def _item(
@@ -147,30 +122,50 @@ def synthesis_inputs(
     cache_dir: str = "runs/cache",
     mask_file: str = "",
     atlas_dir: str = "",
+    model_dir: str = "",
+    atlas: str = "model",
+    resample_atlas: bool = False,
     seed: int = 0,
     split_fractions: Sequence[float] = (0.7, 0.15, 0.15),
     phantom_patients: int = 12,
     phantom_shape: Sequence[int] = (256, 256, 15),
+    label_convention: str = "medsynth",
 ) -> dict[str, Any]:
-    """``{"manifest": DataFrame or None, "sequences": [...]}`` of an inference run.
+    """What an inference run reads: ``{"manifest": DataFrame or None, "sequences": [...], "atlas_dir": ...}``.
 
-    With ``mask_file`` the sequences are those of the atlas files in ``atlas_dir`` and no cohort is
-    touched; otherwise the cohort of ``dataset_dir`` is resolved as in training
-    (:func:`medsynth.data.cohort.resolve_cohort`; empty means the phantom cohort).
+    With ``mask_file`` no cohort is touched: the atlas is the model's (``model_dir``, default), or
+    the files in ``atlas_dir`` when it is given (logged); the sequences are the atlas'. Otherwise the
+    cohort of ``dataset_dir`` (empty: the phantom cohort) with the atlas chosen by ``atlas``
+    (:func:`medsynth.data.atlas.resolve_model_cohort`: the model's by default).
     """
-    if mask_file:
-        if not atlas_dir:
-            raise ValueError("mask_file needs atlas_dir: the folder of the atlas volumes on the mask's grid")
-        return {"manifest": None, "sequences": list(find_atlas_files(atlas_dir))}
-    from medsynth.data.cohort import resolve_cohort
+    from medsynth.data.atlas import MODEL_ATLAS_DIRNAME, load_model_atlas, resolve_model_cohort
     from medsynth.data.manifest import sequences_of
 
-    manifest = resolve_cohort(
+    if mask_file:
+        if not atlas_dir:
+            if atlas != "model":
+                atlas_dir = atlas
+            else:
+                record = load_model_atlas(model_dir)
+                if record.get("kind") != "shared":
+                    raise ValueError(
+                        "the model has no shared atlas (per-patient atlases): give atlas_dir for mask_file"
+                    )
+                atlas_dir = str(Path(model_dir) / MODEL_ATLAS_DIRNAME)
+                logger.info("mask_file: using the model's atlas (%s)", record["fingerprint"])
+        else:
+            logger.warning("mask_file: using the atlas of %s, not necessarily the model's", atlas_dir)
+        return {"manifest": None, "sequences": list(find_atlas_files(atlas_dir)), "atlas_dir": atlas_dir}
+    manifest = resolve_model_cohort(
         dataset_dir,
         cache_dir,
+        model_dir,
+        atlas=atlas,
+        resample_atlas=resample_atlas,
         seed=seed,
         split_fractions=split_fractions,
         phantom_patients=phantom_patients,
         phantom_shape=phantom_shape,
+        label_convention=label_convention,
     )
-    return {"manifest": manifest, "sequences": list(sequences_of(manifest))}
+    return {"manifest": manifest, "sequences": list(sequences_of(manifest)), "atlas_dir": atlas_dir}

@@ -40,6 +40,7 @@ from medsynth.constants import (
     MANIFEST_LABEL_COLUMN,
     atlas_column,
 )
+from medsynth.data.conventions import foreign_convention_problem
 from medsynth.errors import InputDataError
 from medsynth.transforms.intensity import ScaleToUnit, UnitToIntensityd, WindowSpec, windows_for
 from medsynth.transforms.lesion import LesionManipulationd
@@ -79,7 +80,8 @@ def _path(value: Any) -> str:
 class CheckSynthesisInputsd(MapTransform):
     """Refuse an inference item that cannot be synthesised, naming the case and the file.
 
-    Checks, on the loaded (channel-first) volumes: the label map holds only the project's labels;
+    Checks, on the loaded (channel-first) volumes: the label map holds only the project's labels and
+    looks like the project's convention (not a lesion-only segmentation);
     every other volume of ``keys`` lies on the label map's grid (shape and affine) and is finite.
 
     Args:
@@ -106,6 +108,8 @@ class CheckSynthesisInputsd(MapTransform):
         case = str(d.get(self.case_key, "")) or None
         label = d[self.label_key]
         problem = label_map_problem(np.asarray(label))
+        if problem is None:
+            problem = foreign_convention_problem(np.asarray(label))
         if problem is not None:
             raise InputDataError(f"label map {problem}", path=_path(label) or None, patient_id=case)
         for key in self.key_iterator(d):

@@ -6,7 +6,14 @@ from medsynth.metrics.segmentation import (
     SegmentationMetrics,
     binary_dice,
 )
-from medsynth.metrics.synthesis import AVERAGE_ROW, SYNTHESIS_CLASSES, SynthesisMetrics, to_uint8_scale
+from medsynth.metrics.synthesis import (
+    AVERAGE_ROW,
+    BRAIN_COLUMNS,
+    SYNTHESIS_CLASSES,
+    SynthesisMetrics,
+    table_from_cases,
+    to_uint8_scale,
+)
 from medsynth.metrics.tables import comparison_table, to_markdown, write_comparison_table, write_table
 
 __all__ = [
@@ -16,6 +23,8 @@ __all__ = [
     "SYNTHESIS_CLASSES",
     "SegmentationMetrics",
     "SynthesisMetrics",
+    "BRAIN_COLUMNS",
+    "table_from_cases",
     "binary_dice",
     "comparison_table",
     "to_markdown",

@@ -127,7 +127,8 @@ def axial_slice_stats(
 
     ``brain_fraction`` is the share of the slice's ``H x W`` pixels where the brain mask is at least
     ``brain_threshold``, measured on the volume's own grid (so it does not depend on the training
-    image size). ``has_lesion``: the slice holds edema, cavity or tumour labels.
+    image size). ``lesion_fraction``: the same share for edema, cavity and tumour; ``has_lesion``: the
+    slice holds any of them.
     """
     label_np = _squeeze_channel(label)
     brain_np = _squeeze_channel(brain_mask) >= brain_threshold
@@ -137,6 +138,7 @@ def axial_slice_stats(
     lesion = np.isin(np.rint(label_np).astype(np.int64), LESION_LABELS)
     return {
         "brain_fraction": brain_np.sum(axis=(0, 1)) / float(plane),
+        "lesion_fraction": lesion.sum(axis=(0, 1)) / float(plane),
         "has_lesion": lesion.any(axis=(0, 1)),
     }
 

@@ -17,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["WORKFLOWS", "bundle_config_files"]
+__all__ = ["WORKFLOWS", "bundle_config_files", "parse_overrides"]
 
 # Workflow -> the base bundle's config files, in merge order.
 WORKFLOWS: dict[str, tuple[str, ...]] = {
@@ -55,3 +55,17 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
     if missing:
         raise FileNotFoundError(f"bundle {bundle}: missing config file(s) {missing}")
     return [os.path.normpath(path) for path in files]
+
+
+def parse_overrides(items: list[str]) -> dict[str, object]:
+    """``ID=VALUE`` command-line overrides as a dict; values are read as JSON when they can be."""
+    overrides: dict[str, object] = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"expected ID=VALUE, got {item!r}")
+        key, text = item.split("=", 1)
+        try:
+            overrides[key] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key] = text
+    return overrides

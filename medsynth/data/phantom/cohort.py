@@ -288,8 +288,9 @@ def _brain_window(image: np.ndarray, label: np.ndarray) -> tuple[float, float]:
 def _write_ready_manifest(out_dir: Path, ids: list[str], seed: int, split_fractions) -> Path:
     splits = split_patients(ids, split_fractions, seed)
     train = [pid for pid in ids if splits[pid] == "train"]
-    atlas = atlas_paths(out_dir)
-    for sequence in CLINICAL_SEQUENCES:
+    # No train patient (a cohort kept whole for testing a model): no atlas, the model brings its own.
+    atlas = atlas_paths(out_dir) if train else {}
+    for sequence in CLINICAL_SEQUENCES if train else ():
         total, affine = None, None
         for pid in train:
             image = nib.load(ready_paths(out_dir, pid)[sequence])
@@ -304,7 +305,7 @@ def _write_ready_manifest(out_dir: Path, ids: list[str], seed: int, split_fracti
         row.update({s: str(paths[s]) for s in CLINICAL_SEQUENCES})
         row[MANIFEST_LABEL_COLUMN] = str(paths[MANIFEST_LABEL_COLUMN])
         row[MANIFEST_BRAIN_MASK_COLUMN] = str(paths[MANIFEST_BRAIN_MASK_COLUMN])
-        row.update({atlas_column(s): str(atlas[s]) for s in CLINICAL_SEQUENCES})
+        row.update({atlas_column(s): str(atlas[s]) for s in CLINICAL_SEQUENCES if s in atlas})
         rows.append(row)
     manifest_path = out_dir / "manifest.csv"
     write_manifest(pd.DataFrame(rows), manifest_path)
