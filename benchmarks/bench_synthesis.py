@@ -39,6 +39,7 @@ from torch import nn
 from medsynth.inference import random_slices
 from medsynth.inference.accelerate import max_abs_difference, optimize_for_inference
 from medsynth.networks import CGSAMRGenerator, SAMRGenerator, SynthesisInferenceNetwork
+from medsynth.utils.device import cpu_bf16_flags, cpu_model
 from medsynth.utils.io import save_json
 from medsynth.utils.logging import setup_logging
 
@@ -106,22 +107,12 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "threads": torch.get_num_threads(),
         "cpu_count": os.cpu_count(),
-        "processor": _cpu_model(),
+        "processor": cpu_model(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def bench_network(name: str, args: argparse.Namespace, device: torch.device) -> list[dict]:

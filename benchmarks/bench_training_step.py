@@ -10,15 +10,16 @@ Variants, measured in ONE run on the same batch, steps interleaved (naive, optim
   ``cudnn.benchmark`` off;
 * ``optimized``: channels-last weights and batches, fused Adam where the device supports it,
   ``cudnn.benchmark`` on (CUDA); optionally ``--compile`` (``torch.compile`` of the three networks);
-* ``optimized+bf16`` (CUDA only, the trainer's ``amp=True`` with bfloat16, the Workflow's mixed
-  precision: autocast of the forwards).
+* ``optimized+bf16``: also the trainer's ``amp=True`` with bfloat16 (the Workflow's mixed precision:
+  autocast of the forwards), on devices that compute in bf16 natively (CUDA GPUs from Ampere on;
+  CPUs with AVX512-BF16 or AMX, whose flags the output reports).
 
-On CUDA the samples/s with and without bf16 are reported. Every variant starts from the same
+The samples/s with and without bf16 are reported. Every variant starts from the same
 weights; the step time is the median over ``--repeats`` steps after ``--warmup`` steps.
 
 Usage::
 
-    python benchmarks/bench_training_step.py --image-size 128 --batch-size 2 --out train_cpu.json
+    python benchmarks/bench_training_step.py --image-size 128 --batch-size 4 --threads 2 --out train_cpu.json
     python benchmarks/bench_training_step.py --device cuda --out train_cuda.json   # 256 x 256, batch 8
 """
 
@@ -48,7 +49,13 @@ from medsynth.losses import (
     LeastSquaresAdversarialLoss,
     ShapeConsistencyLoss,
 )
-from medsynth.networks import CGSAMRGenerator, LabelWiseMultiScaleDiscriminator, make_lesion_unet
+from medsynth.networks import (
+    CGSAMRGenerator,
+    LabelWiseMultiScaleDiscriminator,
+    SAMRGenerator,
+    make_lesion_unet,
+)
+from medsynth.utils.device import native_bf16
 from medsynth.utils.io import save_json
 from medsynth.utils.logging import setup_logging
 
@@ -82,6 +89,7 @@ def build_trainer(
     fused_adam: bool,
     bf16: bool,
     compile_networks: bool,
+    confidence: bool = True,
 ) -> SynthesisGANTrainer:
     """A trainer on copies of ``networks`` (same initial weights for every variant)."""
     nets = {name: copy.deepcopy(net).to(device) for name, net in networks.items()}
@@ -104,7 +112,7 @@ def build_trainer(
         adversarial_loss=LeastSquaresAdversarialLoss(),
         feature_matching_loss=FeatureMatchingLoss(),
         shape_consistency_loss=ShapeConsistencyLoss(),
-        confidence_loss=ConfidenceMapLoss().to(device),
+        confidence_loss=ConfidenceMapLoss().to(device) if confidence else None,
         weight_feature_matching=weights["feature_matching"],
         weight_shape_consistency=weights["shape_consistency"],
         weight_confidence=weights["confidence"],
@@ -143,7 +151,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also torch.compile the networks in the optimized variants"
     )
-    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant on CUDA")
+    parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 variant")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -152,25 +160,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    setup_logging()
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    info = machine_info(device)
-    info["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
-    torch.manual_seed(args.seed)
-    n = args.sequences
-    networks = {
-        "generator": CGSAMRGenerator(num_sequences=n),
-        "discriminator": LabelWiseMultiScaleDiscriminator(in_channels=5 + n + 3 * n),
-        "segmenter": make_lesion_unet(num_sequences=n),
-    }
-    batch = make_batch(args.batch_size, args.image_size, n, seed=args.seed)
-    batch_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
-    batch, batch_cl = ({k: v.to(device) for k, v in b.items()} for b in (batch, batch_cl))
-
+def training_variants(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """The variants of one run: naive, optimized and, where the device has native bf16, optimized+bf16."""
     cuda = device.type == "cuda"
     variants = {
         "naive": {
@@ -188,30 +179,51 @@ def main(argv: list[str] | None = None) -> int:
             "cudnn_benchmark": cuda,
         },
     }
-    if cuda and not args.no_bf16:
+    if native_bf16(device) and not args.no_bf16:
         variants["optimized+bf16"] = dict(variants["optimized"], bf16=True)
+    return variants
+
+
+def bench_training(
+    args: argparse.Namespace,
+    device: torch.device,
+    network: str = "cgsamr",
+    sizes: dict[str, dict] | None = None,
+) -> list[dict]:
+    """One row per variant: median seconds per step, samples per second, speed-up over naive.
+
+    ``sizes`` may give keyword arguments of the ``generator``, ``discriminator`` and ``segmenter``
+    (default: the papers' sizes)."""
+    torch.manual_seed(args.seed)
+    n = args.sequences
+    sizes = sizes or {}
+    generator_class = {"cgsamr": CGSAMRGenerator, "samr": SAMRGenerator}[network]
+    networks = {
+        "generator": generator_class(num_sequences=n, **sizes.get("generator", {})),
+        "discriminator": LabelWiseMultiScaleDiscriminator(
+            in_channels=5 + 4 * n, **sizes.get("discriminator", {})
+        ),
+        "segmenter": make_lesion_unet(num_sequences=n, **sizes.get("segmenter", {})),
+    }
+    batch = make_batch(args.batch_size, args.image_size, n, seed=args.seed)
+    batch_cl = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
+    batch, batch_cl = ({k: v.to(device) for k, v in b.items()} for b in (batch, batch_cl))
+    variants = training_variants(args, device)
     steps = {}
     for name, options in variants.items():
         options = dict(options)
         cudnn_benchmark = options.pop("cudnn_benchmark")
-        trainer = build_trainer(networks, device, **options)
+        trainer = build_trainer(networks, device, confidence=network == "cgsamr", **options)
         steps[name] = TrainingStep(trainer, batch_cl if options["channels_last"] else batch, cudnn_benchmark)
-
-    logger.info(
-        "CG-SAMR training step, batch %d, %d x %d, %s: %d warm-up + %d timed steps per variant",
-        args.batch_size,
-        args.image_size,
-        args.image_size,
-        device,
-        args.warmup,
-        args.repeats,
-    )
-    first_call = {}
+    first_call, peak_memory = {}, {}
     for name, step in steps.items():  # the first step (compilation, allocator warm-up) timed apart
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         step()
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
+            peak_memory[name] = torch.cuda.max_memory_allocated(device) / 2**30
         first_call[name] = time.perf_counter() - start
     load_before = os.getloadavg()
     times = interleaved_medians(steps, args.repeats, max(args.warmup - 1, 0), device)
@@ -222,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         median = statistics.median(times[name])
         rows.append(
             {
+                "network": network,
                 "variant": name,
                 **options,
                 "median_step_s": median,
@@ -230,11 +243,34 @@ def main(argv: list[str] | None = None) -> int:
                 "samples_per_s": args.batch_size / median,
                 "speedup": naive / median,
                 "load_avg_1min": [load_before[0], load_after[0]],
+                "peak_memory_gib": peak_memory.get(name),
             }
         )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_logging()
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    info = machine_info(device)
+    info["command"] = " ".join([os.path.basename(sys.executable)] + sys.argv)
+    logger.info(
+        "CG-SAMR training step, batch %d, %d x %d, %s: %d warm-up + %d timed steps per variant",
+        args.batch_size,
+        args.image_size,
+        args.image_size,
+        device,
+        args.warmup,
+        args.repeats,
+    )
+    rows = bench_training(args, device)
     print(
         f"\nCG-SAMR training step (G + 6 D + U-Net), batch {args.batch_size}, {args.image_size}^2, "
-        f"{info['device']}, {info['threads']} threads, torch {info['torch']}, {info['date_utc']}\n"
+        f"{info['device']} ({info['processor']}, bf16 flags {info['cpu_bf16_flags'] or 'none'}), "
+        f"{info['threads']} threads, torch {info['torch']}, {info['date_utc']}\n"
     )
     print("| variant | median s / step | samples / s | speed-up vs naive | first step s | load avg (1 min) |")
     print("|---|---|---|---|---|---|")

@@ -38,6 +38,7 @@ from medsynth.constants import (
 )
 from medsynth.data.manifest import DEFAULT_SPLIT_FRACTIONS, split_patients, write_manifest
 from medsynth.utils.io import save_json
+from medsynth.utils.parallel import start_client
 from preprocessing.pipeline import (
     ANATOMICAL_SEQUENCES,
     PipelineConfig,
@@ -204,19 +205,7 @@ def _map(client, task: Callable, items: Sequence[tuple], desc: str, progress: bo
 
 
 def _start_client(stack: ExitStack, config: CohortConfig):
-    if config.scheduler is None and config.workers <= 1:
-        return None
-    from distributed import Client, LocalCluster
-
-    if config.scheduler is not None:
-        return stack.enter_context(Client(config.scheduler))
-    # Spawned workers inherit these: one thread per ITK / BLAS / torch pool, one patient per process.
-    for variable in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        os.environ[variable] = "1"
-    cluster = stack.enter_context(
-        LocalCluster(n_workers=config.workers, threads_per_worker=1, processes=True, dashboard_address=None)
-    )
-    return stack.enter_context(Client(cluster))
+    return start_client(stack, config.workers, config.scheduler)
 
 
 def _fit_landmarks(out_dir: Path, train: Sequence[Mapping[str, Any]], config: CohortConfig) -> Path:

@@ -20,6 +20,7 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, run, verify_net_in_out
 
+from medsynth.metrics import BRAIN_COLUMNS
 from medsynth.utils.bundles import WORKFLOWS, bundle_config_files
 
 pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
@@ -104,16 +105,7 @@ def _check_outputs(out: Path, confidence: bool, manifest: pd.DataFrame) -> None:
     samples = sorted((out / "samples").glob("*.png"))
     assert samples and all(p.stat().st_size > 1000 for p in samples)
     table = pd.read_csv(out / "metrics" / "table1_val.csv", index_col=0)
-    assert list(table.columns) == [
-        "Edema",
-        "Cavity",
-        "Tumor",
-        "SSIM",
-        "PSNR",
-        "SSIM brain",
-        "PSNR brain",
-        "MAE brain",
-    ]
+    assert list(table.columns) == ["Edema", "Cavity", "Tumor", "SSIM", "PSNR", *BRAIN_COLUMNS]
     assert list(table.index) == ["T1w", "Gd-T1w", "T2w", "FLAIR", "APTw", "Avg."]
     metrics = json.loads((out / "metrics" / "metrics.json").read_text())
     assert -1.0 <= metrics["mean_ssim"] <= 1.0 and metrics["epoch"] == 1
@@ -166,7 +158,36 @@ def _manifest(cache_dir: str) -> pd.DataFrame:
 
 def test_cg_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
     out = _train_evaluate_infer("cg_samr", tmp_path / "cg_samr", cache_dir)
-    _check_outputs(out, confidence=True, manifest=_manifest(cache_dir))
+    manifest = _manifest(cache_dir)
+    _check_outputs(out, confidence=True, manifest=manifest)
+    _check_augment(out, cache_dir, manifest)
+
+
+def _check_augment(out: Path, cache_dir: str, manifest: pd.DataFrame) -> None:
+    """``medsynth augment`` on the trained bundle: the documented command, tiny sizes."""
+    from medsynth.cli import main
+
+    # The jointly trained U-Net was saved beside the generator, at the same epoch: the segmentation gate.
+    assert (out / "models" / "segmenter.pt").is_file()
+    tiny = [f"{k}={json.dumps(v)}" for k, v in {**TINY_DATA, **TINY_NETWORK}.items()]
+    tiny += [f"cache_dir={cache_dir}", "unet_channels=[4,8,16,32,64]", "volume_margin=1.0"]
+    synthetic = out / "synthetic"
+    command = ["augment", "--output-dir", str(out), "--cases", "2", "--out", str(synthetic), "--seed", "5"]
+    command += ["--segmentation-threshold", "0"]  # a one-epoch U-Net: the gate is measured, not strict
+    assert main([*command, "--export", "nnunet", "--set", *tiny]) == 0
+    summary = json.loads((synthetic / "augment_summary.json").read_text())
+    assert summary["accepted"] == 2 and summary["gates"]["segmentation"]["real_training_dice"]
+    cases = pd.read_csv(synthetic / "manifest.csv")
+    train = set(manifest.loc[manifest["split"] == "train", "patient_id"])
+    assert set(cases["source_patient"]) <= train and set(cases["split"]) == {"train"}
+    provenance = json.loads((synthetic / cases["patient_id"][0] / "provenance.json").read_text())
+    assert provenance["bundle"].startswith("CG-SAMR") and provenance["seed"] == 5
+    assert (synthetic / cases["patient_id"][0] / "confidence_flair.nii.gz").is_file()
+    assert (
+        len(list((synthetic / "export_nnunet" / "Dataset501_MedsynthSynthetic" / "labelsTr").iterdir())) == 2
+    )
+    # The run's seed draws the cases; the training cohort (phantom and split) stays the model's.
+    assert json.loads((synthetic / "augment_run.json").read_text())["seed"] == 5
 
 
 def test_samr_bundle_train_evaluate_inference(tmp_path, cache_dir):
@@ -296,8 +317,8 @@ def test_a_trained_model_scores_every_case_of_another_cohort_with_its_own_atlas(
         cases, ["t1w", "gd_t1w", "t2w", "flair", "aptw"], ["Edema", "Cavity", "Tumor"]
     )
     np.testing.assert_allclose(recomputed.to_numpy(dtype=float), table.to_numpy(dtype=float), rtol=1e-6)
-    grids = sorted((out / "eval" / "samples").glob("*.png"))
-    assert grids
+    grids = sorted(path.name for path in (out / "eval" / "samples").glob("*.png"))
+    assert grids and all(name.startswith("all_split_sample_") for name in grids)
 
     # Inference on B uses the model's atlas too; without it (a model folder with no atlas) it refuses.
     run(
@@ -327,3 +348,15 @@ def test_a_trained_model_scores_every_case_of_another_cohort_with_its_own_atlas(
         causes.append(str(error))
         error = error.__cause__
     assert any("no model atlas" in cause and "atlas='cohort'" in cause for cause in causes), causes
+
+
+def test_yes_no_settings_from_the_command_line_mean_what_they_say():
+    from medsynth.engines import ResumeCheckpointLoader
+    from medsynth.utils.bundles import as_flag
+
+    # `monai.bundle run --resume false` passes the string "false" (fire), which Python reads as true.
+    assert [as_flag(v) for v in ("false", "False", "0", "no", False, 0)] == [False] * 6
+    assert [as_flag(v) for v in ("true", "TRUE", "1", "yes", True, 1)] == [True] * 6
+    with pytest.raises(ValueError, match="resume must be true or false"):
+        as_flag("maybe", "resume")
+    assert ResumeCheckpointLoader("x", {}, enabled="false").enabled is False

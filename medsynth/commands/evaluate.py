@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from medsynth.utils.bundles import add_bundle_arguments
+
 logger = logging.getLogger(__name__)
 
 
@@ -14,27 +16,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "evaluate",
         help="score a trained synthesis bundle on a cohort (Table I, per-case rows, sample grids)",
         description=(
-            "Run the bundle's evaluate workflow: Table I (pixel accuracy per lesion class, SSIM, PSNR, and "
-            "the "
-            "brain-masked SSIM, PSNR and MAE) on the cases of DATASET, with the atlas saved beside the "
-            "model. "
-            "Without --dataset-dir the training cohort's test split is scored. No atlas is built for the "
-            "cohort."
+            "Run the bundle's evaluate workflow: Table I (pixel accuracy per lesion class, SSIM, PSNR, "
+            "and SSIM, PSNR and MAE inside the brain) on the cases of --dataset-dir, with the atlas saved "
+            "beside the model; no atlas is built for the cohort. Without --dataset-dir the training "
+            "cohort's test split is scored."
         ),
     )
-    parser.add_argument(
-        "--bundle", type=Path, default=Path("bundles/cg_samr"), help="bundle folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--output-dir", required=True, help="the training output folder (models/model.pt, models/atlas)"
-    )
+    add_bundle_arguments(parser, "the training output folder (models/model.pt, models/atlas)")
     parser.add_argument(
         "--dataset-dir", default=None, help="the cohort to score (default: the training cohort)"
     )
     parser.add_argument(
-        "--split",
-        default=None,
-        help="split to score: train, val, test or all (default: test; all with --dataset-dir)",
+        "--split", default=None, help="train, val, test or all (default: test; all with --dataset-dir)"
     )
     parser.add_argument(
         "--atlas", default=None, help="'model' (default), 'cohort' or a folder of atlas files"
@@ -43,17 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--label-convention", default=None, help="medsynth, brats, brats2023 or a mapping file"
     )
-    parser.add_argument(
-        "--set", nargs="*", default=[], metavar="ID=VALUE", help="other config overrides (JSON values)"
-    )
     parser.set_defaults(func=run_evaluate)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
     from monai.bundle import run
 
-    from medsynth.utils.bundles import bundle_config_files, parse_overrides
+    from medsynth.utils.bundles import bundle_config_files, parse_overrides, require_trained_model
 
+    require_trained_model(args.output_dir, "the model to score")
     overrides: dict[str, object] = {"output_dir": args.output_dir}
     if args.dataset_dir is not None:
         overrides["dataset_dir"] = args.dataset_dir
@@ -64,17 +55,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         overrides["resample_atlas"] = True
     if args.label_convention is not None:
         overrides["label_convention"] = args.label_convention
-    model = Path(args.output_dir) / "models" / "model.pt"
-    if not model.is_file():
-        raise FileNotFoundError(
-            f"no trained model at {model}: train the bundle first (or check --output-dir)"
-        )
     config_files = bundle_config_files(args.bundle, "evaluate")
-    run(
-        config_file=config_files,
-        meta_file=str(args.bundle / "configs" / "metadata.json"),
-        **overrides,
-        **parse_overrides(args.set),
-    )
+    meta_file = str(args.bundle / "configs" / "metadata.json")
+    run(config_file=config_files, meta_file=meta_file, **overrides, **parse_overrides(args.set))
     logger.info("tables, per-case rows and sample grids in %s", Path(args.output_dir) / "eval")
     return 0

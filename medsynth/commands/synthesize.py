@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from medsynth.constants import MANIPULATIONS
+from medsynth.utils.bundles import add_bundle_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "the mask. Outputs are NIfTI files in the geometry of each input label map."
         ),
     )
-    parser.add_argument(
-        "--bundle", type=Path, default=Path("bundles/cg_samr"), help="bundle folder (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--output-dir", default=None, help="the training output folder holding models/model.pt"
-    )
+    add_bundle_arguments(parser, "the training output folder holding models/model.pt and models/atlas")
     parser.add_argument(
         "--checkpoint", default=None, help="weights file (default: OUTPUT_DIR/models/model.pt)"
     )
@@ -37,17 +32,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--splits", nargs="*", default=None, help="splits of the cohort to synthesize (default: all)"
     )
     parser.add_argument("--mask-file", default=None, help="one label map NIfTI (0..4)")
-    parser.add_argument("--atlas-dir", default=None, help="atlas NIfTIs on the grid of --mask-file")
+    parser.add_argument(
+        "--atlas-dir",
+        default=None,
+        help="atlas NIfTIs on the grid of --mask-file (default: the model's atlas)",
+    )
     parser.add_argument("--manipulation", choices=MANIPULATIONS, default="none")
     parser.add_argument("--donor-file", default=None, help="donor label map of --manipulation transplant")
     parser.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
-    parser.add_argument(
-        "--set",
-        nargs="*",
-        default=[],
-        metavar="ID=VALUE",
-        help="other config overrides, e.g. image_size=256 num_res_blocks=9 (values read as JSON if possible)",
-    )
     parser.set_defaults(func=run_synthesize)
 
 
@@ -80,8 +72,6 @@ def run_synthesize(args: argparse.Namespace) -> int:
     from medsynth.utils.bundles import bundle_config_files
 
     config_files = bundle_config_files(args.bundle, "inference")
-    if args.mask_file and not args.atlas_dir:
-        raise ValueError("--mask-file needs --atlas-dir")
     run(
         config_file=config_files, meta_file=str(args.bundle / "configs" / "metadata.json"), **_overrides(args)
     )

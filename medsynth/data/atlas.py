@@ -31,6 +31,7 @@ from nibabel.processing import resample_from_to
 from medsynth.constants import CLINICAL_SEQUENCES, atlas_column, canonical_sequence
 from medsynth.data.manifest import sequences_of
 from medsynth.errors import InputDataError
+from medsynth.utils.bundles import as_flag
 from medsynth.utils.geometry import same_grid_geometry
 from medsynth.utils.hashing import file_digest, json_digest, parts_digest
 from medsynth.utils.io import atomic_path, save_json, save_nifti
@@ -214,6 +215,7 @@ def attach_atlas(
         InputDataError: a patient is not on the atlas' grid (named, with both grids) and
             ``resample_atlas`` is not set; or the atlas lacks a sequence of the cohort.
     """
+    resample_atlas = as_flag(resample_atlas, "resample_atlas")
     sequences = sequences_of(manifest)
     missing = [s for s in sequences if s not in atlas]
     if missing:

@@ -220,3 +220,46 @@ def cohort_summary(
     )
     summary.loc["total"] = summary.sum()
     return summary
+
+
+PREPROCESSING_FINGERPRINT_NAME = "preprocessing_fingerprint.json"
+NYUL_LANDMARKS_NAME = "nyul_landmarks.json"
+
+
+def preprocessing_fingerprint(dataset_dir: str | os.PathLike | None) -> dict | None:
+    """What a cohort's intensities depend on, when it is known: ``{"digest", "source"}``, else ``None``.
+
+    A cohort written by ``python -m preprocessing run`` holds its Nyúl landmarks
+    (``nyul_landmarks.json``): the digest is theirs. A synthetic cohort (``medsynth augment``)
+    holds its training cohort's fingerprint in ``preprocessing_fingerprint.json``. The phantom,
+    BraTS folders and user CSVs have none (``None``: unknown, not "different").
+    """
+    import json
+
+    from medsynth.utils.hashing import json_digest
+
+    if dataset_dir is None or not str(dataset_dir).strip() or not Path(dataset_dir).is_dir():
+        return None
+    folder = Path(dataset_dir)
+    recorded = folder / PREPROCESSING_FINGERPRINT_NAME
+    if recorded.is_file():
+        return json.loads(recorded.read_text())
+    landmarks = folder / NYUL_LANDMARKS_NAME
+    if landmarks.is_file():
+        return {"digest": json_digest(json.loads(landmarks.read_text()), 16), "source": "nyul_landmarks"}
+    return None
+
+
+def require_same_preprocessing(fingerprints: dict[str, dict | None]) -> None:
+    """Refuse to mix cohorts (name -> :func:`preprocessing_fingerprint`) whose known fingerprints differ.
+
+    Raises:
+        ValueError: naming the cohorts and their digests.
+    """
+    known = {name: record["digest"] for name, record in fingerprints.items() if record}
+    if len(set(known.values())) > 1:
+        listing = ", ".join(f"{name}: {digest}" for name, digest in sorted(known.items()))
+        raise ValueError(
+            f"these cohorts were preprocessed differently (Nyúl landmarks differ: {listing}); "
+            "their intensities do not mix"
+        )

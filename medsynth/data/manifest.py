@@ -46,6 +46,12 @@ def path_columns(sequences: Sequence[str]) -> list[str]:
     ]
 
 
+def stored_path_columns(sequences: Sequence[str]) -> list[str]:
+    """The columns whose paths a manifest file stores relative to itself: :func:`path_columns` and a
+    synthetic cohort's optional confidence maps (``confidence_<sequence>``)."""
+    return [*path_columns(sequences), *(f"confidence_{s}" for s in sequences)]
+
+
 def split_patients(
     patient_ids: Iterable[str],
     fractions: Sequence[float] = DEFAULT_SPLIT_FRACTIONS,
@@ -111,7 +117,7 @@ def read_manifest(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise ValueError(f"manifest {path}: missing column(s) {missing}")
     root = path.resolve().parent
-    for column in path_columns(sequences_of(manifest)):
+    for column in stored_path_columns(sequences_of(manifest)):
         if column in manifest.columns:
             manifest[column] = [str((root / value).resolve()) if value else "" for value in manifest[column]]
     check_patient_level_split(manifest)
@@ -124,7 +130,7 @@ def write_manifest(manifest: pd.DataFrame, path: str | os.PathLike) -> Path:
     check_patient_level_split(manifest)
     root = path.resolve().parent
     out = manifest.copy()
-    for column in path_columns(sequences_of(out)):
+    for column in stored_path_columns(sequences_of(out)):
         if column in out.columns:
             out[column] = [_relative_to(value, root) for value in out[column]]
     with atomic_path(path) as tmp:

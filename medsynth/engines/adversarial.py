@@ -32,6 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from medsynth.engines.utils import TRAINING_BATCH, amp_autocast
+from medsynth.utils.bundles import as_flag
 
 __all__ = ["AdversarialTrainer", "unwrap"]
 
@@ -94,6 +95,7 @@ class AdversarialTrainer(Trainer):
         if missing:
             name = type(self).__name__
             raise ValueError(f"{name}: no optimizer for phase(s) {missing}; got {sorted(optimizers)}")
+        amp = as_flag(amp, "amp")
         amp_kwargs = {"dtype": torch.bfloat16} if amp_kwargs is None else dict(amp_kwargs)
         self.networks = dict(networks)
         self.optimizers = dict(optimizers)

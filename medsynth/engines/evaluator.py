@@ -13,6 +13,7 @@ from torch import nn
 
 from medsynth.engines.adversarial import unwrap
 from medsynth.engines.utils import EVALUATION_BATCH, GENERATOR_CALL, amp_autocast
+from medsynth.utils.bundles import as_flag
 
 __all__ = ["SynthesisEvaluator"]
 
@@ -59,7 +60,7 @@ class SynthesisEvaluator(Evaluator):
             key_val_metric=key_val_metric,
             additional_metrics=additional_metrics,
             val_handlers=val_handlers,
-            amp=amp,
+            amp=as_flag(amp, "amp"),
             amp_kwargs={"dtype": torch.bfloat16} if amp_kwargs is None else amp_kwargs,
             decollate=False,
         )

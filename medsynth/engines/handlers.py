@@ -26,6 +26,7 @@ from torch.utils.data import default_collate
 from medsynth.constants import LESION_LABELS, SEQUENCE_TITLES
 from medsynth.engines.adversarial import unwrap
 from medsynth.engines.utils import GENERATOR_CALL, TRAINING_BATCH
+from medsynth.utils.bundles import as_flag
 from medsynth.utils.io import atomic_path, save_json
 
 logger = logging.getLogger(__name__)
@@ -85,7 +86,7 @@ class ResumeCheckpointLoader:
     ) -> None:
         self.save_dir = save_dir
         self.load_dict = dict(load_dict)
-        self.enabled = enabled
+        self.enabled = as_flag(enabled, "resume")
         self.prefix = prefix
         self.map_location = map_location
         self.loaded_path = ""
@@ -272,6 +273,8 @@ class BestModelSaver:
         metric_name: key in ``engine.state.metrics``.
         filename: name of the weights file.
         greater_is_better: direction of the metric.
+        companions: further networks saved with it at the same epoch, file name -> module (e.g. the
+            jointly trained U-Net as ``segmenter.pt``, the segmentation gate of synthetic cohorts).
     """
 
     def __init__(
@@ -281,9 +284,11 @@ class BestModelSaver:
         metric_name: str = "mean_ssim",
         filename: str = "model.pt",
         greater_is_better: bool = True,
+        companions: Mapping[str, torch.nn.Module] | None = None,
     ) -> None:
         self.save_dir = Path(save_dir)
         self.network = network
+        self.companions = dict(companions or {})
         self.metric_name = metric_name
         self.filename = filename
         self.greater_is_better = greater_is_better
@@ -303,6 +308,9 @@ class BestModelSaver:
         if not (better and math.isfinite(value)):
             return
         self.best_metric, self.best_epoch = value, int(engine.state.epoch)
+        for filename, network in self.companions.items():  # first, so the model file means all are there
+            with atomic_path(self.save_dir / filename) as tmp:
+                torch.save(unwrap(network).state_dict(), tmp)
         with atomic_path(self.path) as tmp:
             torch.save(unwrap(self.network).state_dict(), tmp)
         save_json(
@@ -346,6 +354,8 @@ class SampleGridHandler:
         device: where the generator runs.
         generator_call: feeds the generator from the collated items (default ``generator(mask, atlas)``).
         seed: seed of the random lesion slices.
+        tag: names the grids ``<tag>_sample_<n>.png`` (title ``<tag>: ...``) instead of by epoch, for
+            an evaluation, whose engine epoch is not the model's (e.g. ``"test_split"``).
     """
 
     def __init__(
@@ -359,6 +369,7 @@ class SampleGridHandler:
         device: str | torch.device = "cpu",
         generator_call: Callable = GENERATOR_CALL,
         seed: int = 0,
+        tag: str | None = None,
     ) -> None:
         if interval < 1:
             raise ValueError(f"sample interval must be at least 1, got {interval}")
@@ -371,6 +382,7 @@ class SampleGridHandler:
         self.device = torch.device(device)
         self.generator_call = generator_call
         self.seed = seed
+        self.tag = tag
         self.written: list[Path] = []
         self._indices: list[int] | None = None
 
@@ -436,7 +448,8 @@ class SampleGridHandler:
             where = (
                 f"{patient} slice {int(item['slice_index'])}" if "slice_index" in item else f"item {index}"
             )
-            path = self.output_dir / f"epoch_{epoch:04d}_sample_{n}.png"
+            stem = self.tag if self.tag else f"epoch_{epoch:04d}"
+            path = self.output_dir / f"{stem}_sample_{n}.png"
             save_grid(
                 panels,
                 path,
@@ -445,7 +458,7 @@ class SampleGridHandler:
                 cmaps=["gray", "gray", "gray", "magma"][: len(columns)],
                 vranges=[(0.0, 1.0), (-1.0, 1.0), (-1.0, 1.0), (0.0, 1.0)][: len(columns)],
                 overlays=overlays,
-                title=f"epoch {epoch}: {where}",
+                title=f"{self.tag.replace('_', ' ') if self.tag else f'epoch {epoch}'}: {where}",
                 overlay_alpha=1.0,
             )
             paths.append(path)

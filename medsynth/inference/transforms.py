@@ -57,6 +57,8 @@ __all__ = [
     "OutputWindowsd",
     "RealImageWindowsd",
     "SaveSynthesisd",
+    "add_manifest_row",
+    "restore_input_grid",
     "source_file_key",
     "synthesis_postprocessing",
     "synthesis_preprocessing",
@@ -344,20 +346,25 @@ class SaveSynthesisd(MapTransform):
             **{atlas_column(s): str(d.get(source_file_key(atlas_column(s)), "")) for s in self.sequences},
             SOURCE_COLUMN: record["source_patient"],
         }
-        self._add_to_manifest(row)
+        add_manifest_row(self.output_dir, row)
         d["synthesis_record"] = record
         return d
 
-    def _add_to_manifest(self, row: dict[str, str]) -> None:
-        from medsynth.data.manifest import read_manifest, write_manifest
 
-        path = self.output_dir / MANIFEST_NAME
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.output_dir / f".{MANIFEST_NAME}.lock")):
-            rows = read_manifest(path) if path.is_file() else pd.DataFrame(columns=list(row))
-            rows = rows[rows["patient_id"] != row["patient_id"]]
-            rows = pd.concat([rows, pd.DataFrame([row])], ignore_index=True).sort_values("patient_id")
-            write_manifest(rows.reset_index(drop=True), path)
+def add_manifest_row(output_dir: str | Path, row: Mapping[str, str]) -> Path:
+    """Add (or replace, by ``patient_id``) one case of the cohort in ``output_dir/manifest.csv``, under a
+    file lock (parallel writers) and atomically."""
+    from medsynth.data.manifest import read_manifest, write_manifest
+
+    output_dir = Path(output_dir)
+    path = output_dir / MANIFEST_NAME
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(output_dir / f".{MANIFEST_NAME}.lock")):
+        rows = read_manifest(path) if path.is_file() else pd.DataFrame(columns=list(row))
+        rows = rows[rows["patient_id"] != row["patient_id"]]
+        rows = pd.concat([rows, pd.DataFrame([dict(row)])], ignore_index=True).sort_values("patient_id")
+        write_manifest(rows.reset_index(drop=True), path)
+    return path
 
 
 def _array(value: Any) -> np.ndarray:
@@ -383,19 +390,33 @@ def synthesis_postprocessing(
         manipulation: the manipulation of ``preprocessing`` (recorded in ``synthesis.json``).
         extra_record: added to every case's ``synthesis.json``.
     """
-    # The prediction was made on the grid of the fitted atlas: its fitting (area resampling) and
-    # orientation are undone; the label map and the brain were only reoriented.
     return Compose(
         [
-            Invertd(
-                "pred", transform=preprocessing, orig_keys=atlas_column(sequences[0]), nearest_interp=False
-            ),
-            Invertd(
-                [MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN],
-                transform=preprocessing,
-                orig_keys=[MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN],
-            ),
-            UnitToIntensityd("pred", window_keys="window"),
+            *restore_input_grid(preprocessing, sequences),
             SaveSynthesisd(output_dir, sequences, manipulation, extra_record=extra_record),
         ]
     )
+
+
+def restore_input_grid(
+    preprocessing: Compose, sequences: Sequence[str], pred_keys: Sequence[str] = ("pred",)
+) -> list:
+    """The prediction, the label map and the brain back to the input grid and orientation (``Invertd``
+    through ``preprocessing``), then the prediction (``pred_keys[0]``) back to intensities; further
+    ``pred_keys`` (e.g. confidence maps) are brought back to the grid only."""
+    # The prediction was made on the grid of the fitted atlas: its fitting (area resampling) and
+    # orientation are undone; the label map and the brain were only reoriented.
+    return [
+        Invertd(
+            list(pred_keys),
+            transform=preprocessing,
+            orig_keys=atlas_column(sequences[0]),
+            nearest_interp=False,
+        ),
+        Invertd(
+            [MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN],
+            transform=preprocessing,
+            orig_keys=[MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN],
+        ),
+        UnitToIntensityd(pred_keys[0], window_keys="window"),
+    ]

@@ -248,13 +248,29 @@ class SynthesisInferenceNetwork(nn.Module):
     Args:
         generator: ``forward(mask, atlas) -> {"images": ...}`` (e.g. a SAMR or CG-SAMR generator).
         mask_channels: leading channels of ``x`` that hold the lesion mask; the rest is the atlas.
+        with_confidence: also return the generator's confidence maps (CG-SAMR), upsampled
+            bilinearly to the image size and concatenated after the images: ``(B, 2N, H, W)``. A
+            generator without confidence maps returns the images alone. The weights are the same.
     """
 
-    def __init__(self, generator: nn.Module, mask_channels: int = NUM_LABELS) -> None:
+    def __init__(
+        self, generator: nn.Module, mask_channels: int = NUM_LABELS, with_confidence: bool = False
+    ) -> None:
         super().__init__()
         self.generator = generator
         self.mask_channels = mask_channels
+        self.with_confidence = with_confidence
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Return the images (B, num_sequences, H, W) for ``x`` (B, mask + atlas channels, H, W)."""
-        return self.generator(x[:, : self.mask_channels], x[:, self.mask_channels :])["images"]
+        output = self.generator(x[:, : self.mask_channels], x[:, self.mask_channels :])
+        images = output["images"]
+        if not self.with_confidence or "confidence" not in output:
+            return images
+        confidence = nn.functional.interpolate(
+            output["confidence"].to(images.dtype),
+            size=images.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+        )
+        return torch.cat([images, confidence], dim=1)

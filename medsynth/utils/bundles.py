@@ -17,13 +17,21 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["WORKFLOWS", "bundle_config_files", "parse_overrides"]
+__all__ = [
+    "WORKFLOWS",
+    "add_bundle_arguments",
+    "as_flag",
+    "bundle_config_files",
+    "parse_overrides",
+    "require_trained_model",
+]
 
 # Workflow -> the base bundle's config files, in merge order.
 WORKFLOWS: dict[str, tuple[str, ...]] = {
     "train": ("train.json",),
     "evaluate": ("train.json", "evaluate.json"),
     "inference": ("inference.json",),
+    "augment": ("inference.json", "augment.json"),
     "multi_gpu_train": ("train.json", "multi_gpu_train.json"),
     "paper": ("train.json", "paper.json"),
 }
@@ -69,3 +77,51 @@ def parse_overrides(items: list[str]) -> dict[str, object]:
         except json.JSONDecodeError:
             overrides[key] = text
     return overrides
+
+
+def add_bundle_arguments(parser, output_help: str) -> None:
+    """The ``--bundle``, ``--output-dir`` and ``--set`` options of the commands that run a bundle workflow."""
+    parser.add_argument(
+        "--bundle", type=Path, default=Path("bundles/cg_samr"), help="bundle folder (default: %(default)s)"
+    )
+    parser.add_argument("--output-dir", default=None, help=output_help)
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="ID=VALUE",
+        help="other config overrides, e.g. image_size=256 num_res_blocks=9 (values read as JSON if possible)",
+    )
+
+
+def require_trained_model(output_dir: str | os.PathLike | None, role: str) -> Path:
+    """The weights ``OUTPUT_DIR/models/model.pt`` of a training run, for the commands that use one.
+
+    Raises:
+        ValueError: no output folder given (``role`` says what it is for).
+        FileNotFoundError: no trained model in it.
+    """
+    if output_dir is None:
+        raise ValueError(f"--output-dir is required: the training output folder of {role}")
+    model = Path(output_dir) / "models" / "model.pt"
+    if not model.is_file():
+        raise FileNotFoundError(
+            f"no trained model at {model}: train the bundle first (or check --output-dir)"
+        )
+    return model
+
+
+def as_flag(value: object, name: str = "setting") -> bool:
+    """A yes/no setting as a bool. The bundle CLI (fire) passes ``--amp false`` as the string
+    ``"false"``, which Python would read as true; strings are therefore parsed, and anything that is
+    not clearly yes or no is refused."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "on", "1"):
+        return True
+    if text in ("false", "no", "off", "0", ""):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
