@@ -373,3 +373,41 @@ def make_slice_dataset(
         volume_cache_size=recent,
     )
     return dataset
+
+
+def make_volume_dataset(
+    manifest: pd.DataFrame,
+    splits: str | Sequence[str],
+    image_size: int = 256,
+    cache: str = "memory",
+    windows: Mapping[str, WindowSpec] | None = None,
+    progress: bool = True,
+) -> Dataset:
+    """One item per patient of ``splits``, processed as for training
+    (:func:`patient_volume_transforms`: ``"image"`` ``(N, D, S, S)`` in [-1, 1], ``"label"`` and
+    ``"brain_mask"`` ``(1, D, S, S)``, axial-first) plus ``"patient_id"``: what a segmentation is
+    evaluated on, per patient on the stacked slices.
+
+    Args:
+        manifest: cohort manifest with absolute paths.
+        splits: a split, several, or ``"all"``.
+        image_size: the plane size ``S``.
+        cache: ``"memory"`` (MONAI ``CacheDataset``) or ``"none"``.
+        windows: per-sequence intensity-window overrides.
+        progress: show the caching progress bar.
+    """
+    split_list = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else list(splits)
+    rows = manifest[manifest["split"].isin(split_list)].sort_values("patient_id")
+    if rows.empty:
+        raise ValueError(f"no patient in split(s) {split_list}")
+    sequences = list(sequences_of(manifest))
+    keys = [*sequences, *_LABEL_KEYS]
+    items = [
+        {"patient_id": str(row["patient_id"]), **{k: row[k] for k in keys}} for _, row in rows.iterrows()
+    ]
+    transform = patient_volume_transforms(sequences, image_size, windows)
+    if cache == "memory":
+        return CacheDataset(items, transform, progress=progress)
+    if cache == "none":
+        return Dataset(items, transform)
+    raise ValueError(f"cache must be 'memory' or 'none' for volumes, got {cache!r}")

@@ -18,6 +18,7 @@ from medsynth.engines.handlers import (
 )
 from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
+from medsynth.engines.segmentation import LesionSegmentationMetric, SegmentationTableWriter, segmentation_summary
 from medsynth.engines.utils import BatchCall, PrepareDictBatch
 
 __all__ = [
@@ -26,11 +27,13 @@ __all__ = [
     "BestModelSaver",
     "CheckpointPruner",
     "MetricsTableWriter",
+    "LesionSegmentationMetric",
     "ModelAtlasSaver",
     "PeriodicValidationHandler",
     "PrepareDictBatch",
     "ResumeCheckpointLoader",
     "SampleGridHandler",
+    "SegmentationTableWriter",
     "SynthesisEvaluator",
     "SynthesisGANTrainer",
     "SynthesisQualityMetric",
@@ -38,6 +41,7 @@ __all__ = [
     "checkpoints_by_epoch",
     "latest_checkpoint",
     "linear_decay_schedule",
+    "segmentation_summary",
     "table_summary",
     "unwrap",
 ]

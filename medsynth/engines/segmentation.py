@@ -1,0 +1,171 @@
+"""Lesion-segmentation evaluation on MONAI's ``SupervisedEvaluator``: per patient, on the stacked slices.
+
+The lesion-segmentation bundle trains a 2D U-Net on slices (MONAI ``SupervisedTrainer``) and scores
+it per patient: MONAI's ``SliceInferer`` runs the 2D network over each patient's volume, and
+:class:`LesionSegmentationMetric` accumulates :class:`medsynth.metrics.SegmentationMetrics` (Dice,
+HD95, sensitivity, specificity per lesion class) over the patients. The papers report per-instance
+(per-slice) figures; a per-patient Dice weighs every voxel of a patient's lesion once, so small
+lesion slices do not dominate, and HD95 is a 3D distance (in voxels of the network's grid).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.metrics import Metric
+
+from medsynth.utils.io import atomic_path, save_json
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LesionSegmentationMetric", "SegmentationTableWriter", "segmentation_summary"]
+
+
+def _segmentation_output(output: Mapping[str, Any]) -> tuple:
+    return output["pred"], output["label"]
+
+
+def segmentation_summary(table: Any) -> dict[str, float]:
+    """Flat numbers of a segmentation table (:meth:`SegmentationMetrics.aggregate`): every cell as
+    ``<class>/<column>`` and ``mean_dice`` (the mean Dice over the classes present)."""
+    summary = {
+        f"{name}/{column}": float(table.loc[name, column])
+        for name in table.index
+        for column in ("Dice", "HD95", "Sensitivity", "Specificity")
+    }
+    dice = table["Dice"].to_numpy(dtype=float)
+    summary["mean_dice"] = float(np.nanmean(dice)) if np.isfinite(dice).any() else float("nan")
+    return summary
+
+
+class LesionSegmentationMetric(Metric):
+    """Ignite metric over :class:`medsynth.metrics.SegmentationMetrics`, one case per patient.
+
+    ``compute()`` returns the mean Dice over the lesion classes (an evaluator's key metric); the
+    table is left in ``engine.state.metric_details[name]`` and the per-case rows (with the patient
+    ids) in ``engine.state.metric_details[name + "_cases"]``.
+
+    Args:
+        classes: class name -> label value(s) (default: edema, cavity, tumour).
+        output_transform: ``engine.state.output`` -> ``(pred, label)``: ``pred`` logits ``(B, C, ...)``
+            or a label map ``(B, 1, ...)``, ``label`` ``(B, 1, ...)``. The patient ids come from the
+            batch's ``patient_id`` (MONAI's evaluator output does not carry them).
+    """
+
+    def __init__(
+        self,
+        classes: Mapping[str, int | Sequence[int]] | None = None,
+        output_transform: Callable = _segmentation_output,
+    ) -> None:
+        self.classes = classes
+        self.table = None
+        self.cases = None
+        super().__init__(output_transform=output_transform)
+
+    def reset(self) -> None:
+        from medsynth.metrics import SegmentationMetrics
+
+        self._metrics = SegmentationMetrics(self.classes)
+        self._patients: list[str] = []
+
+    def iteration_completed(self, engine: Engine) -> None:
+        batch = engine.state.batch
+        patients = batch.get("patient_id") if isinstance(batch, Mapping) else None
+        pred, label = self._output_transform(engine.state.output)
+        self._metrics.update(pred, label)
+        count = int(label.shape[0])
+        self._patients += [str(p) for p in patients] if patients is not None else [""] * count
+
+    def update(self, output: Sequence[Any]) -> None:
+        pred, label = output
+        self._metrics.update(pred, label)
+        self._patients += [""] * int(label.shape[0])
+
+    def compute(self) -> float:
+        self.table = self._metrics.aggregate()
+        cases = self._metrics.per_case()  # under DDP MONAI's metrics gather every rank's cases, in rank order
+        patients = self._patients
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, patients)
+            patients = [p for part in gathered for p in part]
+            if len(set(patients)) < len(patients):
+                logger.warning("a distributed sampler padded the evaluation: some patients are counted twice")
+        cases["patient_id"] = [patients[i] for i in cases["case"]]
+        self.cases = cases
+        return segmentation_summary(self.table)["mean_dice"]
+
+    def completed(self, engine: Engine, name: str) -> None:
+        super().completed(engine, name)
+        if getattr(engine.state, "metric_details", None) is None:
+            engine.state.metric_details = {}
+        engine.state.metric_details[name] = self.table
+        engine.state.metric_details[f"{name}_cases"] = self.cases
+
+
+class SegmentationTableWriter:
+    """After each evaluation write the segmentation table (CSV + Markdown), its per-patient rows and a
+    ``metrics.json`` with the flat numbers (attach to the evaluator).
+
+    Args:
+        output_dir: folder of the tables.
+        metric_name: name under which :class:`LesionSegmentationMetric` is attached.
+        table_name: file stem.
+        global_epoch_fn: the epoch recorded (default: the engine's).
+        extra: further entries of ``metrics.json``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str,
+        metric_name: str = "mean_dice",
+        table_name: str = "segmentation",
+        global_epoch_fn: Callable[[Engine], int] | None = None,
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.metric_name, self.table_name = metric_name, table_name
+        self.global_epoch_fn = global_epoch_fn
+        self.extra = dict(extra or {})
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        from medsynth.metrics import write_table
+
+        table = engine.state.metric_details.get(self.metric_name)
+        if table is None:
+            raise RuntimeError(f"no table for metric {self.metric_name!r}; attach LesionSegmentationMetric")
+        write_table(table, self.output_dir, self.table_name)
+        cases = engine.state.metric_details.get(f"{self.metric_name}_cases")
+        if cases is not None:
+            with atomic_path(self.output_dir / f"{self.table_name}_cases.csv") as tmp:
+                cases.to_csv(tmp, index=False)
+        epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
+        summary = segmentation_summary(table)
+        patients = int(cases["patient_id"].nunique()) if cases is not None else None
+        save_json(
+            {
+                "epoch": epoch,
+                "patients": patients,
+                "hd95_unit": table.attrs.get("hd95_unit"),
+                **self.extra,
+                **summary,
+            },
+            self.output_dir / "metrics.json",
+        )
+        logger.info(
+            "epoch %d: mean Dice %.4f over %s patient(s) (%s; tables in %s)",
+            epoch,
+            summary["mean_dice"],
+            patients,
+            ", ".join(f"{name} {table.loc[name, 'Dice']:.3f}" for name in table.index),
+            self.output_dir,
+        )
