@@ -18,7 +18,11 @@ from medsynth.engines.handlers import (
 )
 from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
-from medsynth.engines.segmentation import LesionSegmentationMetric, SegmentationTableWriter, segmentation_summary
+from medsynth.engines.segmentation import (
+    LesionSegmentationMetric,
+    SegmentationTableWriter,
+    segmentation_summary,
+)
 from medsynth.engines.utils import BatchCall, PrepareDictBatch
 
 __all__ = [
