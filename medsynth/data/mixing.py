@@ -224,13 +224,16 @@ def training_mixture(
     image_size: int = 128,
     cache_dir: str = "runs/cache",
     slice_selection: str = "brain",
+    real_dataset_dir: str = "",
 ) -> dict[str, Any]:
     """The lesion-segmentation bundle's training data: ``{"dataset", "sampler", "extra_count"}``.
 
     Without ``synthetic_dir`` and ``classic`` (or without an amount) the real instances alone, shuffled.
     With ``synthetic_dir`` (a ``medsynth augment`` cohort, its ``train`` split) or ``classic`` (augmented
     copies of the real instances), the amount (``percent`` or ``multiple``, :func:`synthetic_count`) of
-    extra instances per epoch is mixed in by ``mode``.
+    extra instances per epoch is mixed in by ``mode``. A synthetic cohort must hold the real instances'
+    sequences, and its preprocessing fingerprint (where known) must be the real cohort's
+    (``real_dataset_dir``).
     """
     from medsynth.utils.bundles import as_flag
 
@@ -243,11 +246,23 @@ def training_mixture(
     extra: Dataset | None = None
     name = "synthetic"
     if synthetic_dir and extra_count:
-        from medsynth.data.cohort import resolve_cohort
+        from medsynth.data.cohort import preprocessing_fingerprint, require_same_preprocessing, resolve_cohort
         from medsynth.data.dataset import make_slice_dataset
 
+        require_same_preprocessing(
+            {
+                real_dataset_dir or "the real cohort": preprocessing_fingerprint(real_dataset_dir),
+                synthetic_dir: preprocessing_fingerprint(synthetic_dir),
+            }
+        )
         manifest = resolve_cohort(synthetic_dir, cache_dir, build_atlas=False)
         extra = make_slice_dataset(manifest, "train", image_size, slice_selection)
+        real_sequences = getattr(real, "sequences", None)
+        if real_sequences is not None and tuple(extra.sequences) != tuple(real_sequences):
+            raise ValueError(
+                f"the synthetic cohort {synthetic_dir} has sequences {list(extra.sequences)}, the real "
+                f"instances {list(real_sequences)}: they cannot be mixed"
+            )
     elif classic and extra_count:
         extra, name = AugmentedCopies(real, extra_count, seed), "classic_augmentation"
     dataset = MixedDataset(real, extra, name)

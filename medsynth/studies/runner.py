@@ -1,0 +1,264 @@
+"""``medsynth study STUDY.json``: the papers' augmentation study as one resumable command.
+
+A study file (JSON) lists the arms, the seeds, the segmentation settings and the dataset::
+
+    {
+      "name": "phantom_demo", "dataset_dir": "", "cache_dir": "runs/cache",
+      "out_dir": "runs/studies/phantom_demo", "seeds": [0, 1, 2], "split_seed": 0,
+      "reference_arm": "real",
+      "segmentation": {"bundle": "bundles/lesion_seg", "overrides": {"num_epochs": 100}},
+      "synthesis": {"cg_samr": {"bundle": "bundles/cg_samr", "output_dir": "runs/cg_samr", "cases": 50}},
+      "arms": [
+        {"name": "real"},
+        {"name": "cg_samr_25", "method": "cg_samr", "percent": 25, "mode": "random"},
+        {"name": "classic_50", "classic": true, "percent": 50}
+      ]
+    }
+
+The runner expands arms x seeds into cells; makes each synthetic cohort once per method and seed
+(``medsynth augment`` through the synthesis bundle, its draws seeded by the seed, from the training
+split of ``split_seed``, the split the synthesis model was trained on); trains and evaluates the
+lesion-segmentation bundle per cell, each in ``out_dir/cells/<arm>/seed<k>/``, on the real test
+split; and aggregates (:mod:`.aggregate`) into ``out_dir/report/``. A cell is finished when its
+``cell.json`` exists: a killed study reruns only the unfinished cells (and those resume from their
+checkpoints). Cells run on Dask workers with ``workers > 1`` or a scheduler address.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from medsynth.utils.io import save_json
+from medsynth.utils.parallel import start_client
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Cell", "StudySpec", "expand_cells", "run_study"]
+
+REPO = Path(__file__).resolve().parents[2]
+CELL_RECORD = "cell.json"
+
+
+@dataclass
+class StudySpec:
+    """A study file's content (see the module docstring)."""
+
+    name: str
+    arms: list[dict]
+    seeds: list[int]
+    dataset_dir: str = ""
+    cache_dir: str = "runs/cache"
+    out_dir: str = ""
+    split_seed: int = 0
+    reference_arm: str = "real"
+    segmentation: dict = field(default_factory=dict)
+    synthesis: dict = field(default_factory=dict)
+    source: str = ""
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> StudySpec:
+        path = Path(path)
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"study file {path}: {error}") from error
+        missing = [key for key in ("name", "arms", "seeds") if key not in record]
+        if missing:
+            raise ValueError(f"study file {path}: missing {missing}")
+        unknown = set(record) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"study file {path}: unknown entries {sorted(unknown)}")
+        spec = cls(**record, source=str(path))
+        spec.out_dir = spec.out_dir or str(Path("runs") / "studies" / spec.name)
+        spec.check()
+        return spec
+
+    def check(self) -> None:
+        names = [arm.get("name") for arm in self.arms]
+        if None in names or len(set(names)) != len(names):
+            raise ValueError(f"study {self.name}: every arm needs a unique name, got {names}")
+        for arm in self.arms:
+            method = arm.get("method")
+            if method and method not in self.synthesis:
+                raise ValueError(
+                    f"study {self.name}: arm {arm['name']} uses method {method!r}, not in 'synthesis'"
+                )
+            if (method or arm.get("classic")) and ("percent" in arm) == ("multiple" in arm):
+                raise ValueError(
+                    f"study {self.name}: arm {arm['name']} needs exactly one of percent or multiple"
+                )
+        if self.reference_arm not in names:
+            raise ValueError(f"study {self.name}: the reference arm {self.reference_arm!r} is not an arm")
+
+
+@dataclass
+class Cell:
+    """One arm at one seed."""
+
+    arm: dict
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm['name']}/seed{self.seed}"
+
+    @property
+    def amount(self) -> float:
+        return float(self.arm.get("percent", self.arm.get("multiple", 0.0)))
+
+
+def expand_cells(spec: StudySpec) -> list[Cell]:
+    """Arms x seeds, arm-major."""
+    return [Cell(arm, int(seed)) for arm in spec.arms for seed in spec.seeds]
+
+
+def _bundle_files(bundle: str, workflow: str) -> list[str]:
+    from medsynth.utils.bundles import bundle_config_files
+
+    return bundle_config_files(REPO / bundle, workflow)
+
+
+def make_synthetic_cohort(spec: StudySpec, method: str, seed: int) -> str:
+    """The synthetic cohort of ``method`` at ``seed`` (made once; ``medsynth augment`` resumes itself)."""
+    from monai.bundle import ConfigParser
+
+    settings = spec.synthesis[method]
+    out = Path(spec.out_dir) / "synthetic" / f"{method}_seed{seed}"
+    if (out / "augment_summary.json").is_file():
+        summary = json.loads((out / "augment_summary.json").read_text())
+        if summary.get("accepted", 0) >= int(settings.get("cases", 50)):
+            return str(out)
+    bundle = settings.get("bundle", "bundles/cg_samr")
+    parser = ConfigParser()
+    parser.read_config(_bundle_files(bundle, "augment"))
+    parser.read_meta(str(REPO / bundle / "configs" / "metadata.json"))
+    parser.update(
+        {
+            "output_dir": settings["output_dir"],
+            "dataset_dir": spec.dataset_dir,
+            "cache_dir": spec.cache_dir,
+            "augment_dir": str(out),
+            "augment_seed": seed,
+            "num_cases": int(settings.get("cases", 50)),
+            **settings.get("overrides", {}),
+        }
+    )
+    parser.get_parsed_content("augmenter").run()
+    return str(out)
+
+
+def run_cell(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict[str, Any]:
+    """Train and evaluate the segmentation bundle for ``cell`` (or read back its finished record)."""
+    from monai.bundle import run
+
+    folder = Path(spec.out_dir) / "cells" / cell.arm["name"] / f"seed{cell.seed}"
+    record_path = folder / CELL_RECORD
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    start = time.perf_counter()
+    segmentation = spec.segmentation
+    bundle = segmentation.get("bundle", "bundles/lesion_seg")
+    overrides = {
+        "output_dir": str(folder),
+        "dataset_dir": spec.dataset_dir,
+        "cache_dir": spec.cache_dir,
+        "seed": cell.seed,
+        "split_seed": spec.split_seed,
+        **segmentation.get("overrides", {}),
+    }
+    if synthetic_dir:
+        overrides["synthetic_dir"] = synthetic_dir
+    if cell.arm.get("classic"):
+        overrides["classic_augmentation"] = True
+    if "percent" in cell.arm:
+        overrides["synthetic_percent"] = float(cell.arm["percent"])
+    if "multiple" in cell.arm:
+        overrides["synthetic_multiple"] = float(cell.arm["multiple"])
+    overrides["mixing_mode"] = cell.arm.get("mode", "random")
+    meta = str(REPO / bundle / "configs" / "metadata.json")
+    run(config_file=_bundle_files(bundle, "train"), meta_file=meta, **overrides)
+    run(config_file=_bundle_files(bundle, "evaluate"), meta_file=meta, **overrides)
+    record = {
+        "arm": cell.arm["name"],
+        "seed": cell.seed,
+        "method": cell.arm.get("method") or ("classic" if cell.arm.get("classic") else "none"),
+        "amount": cell.amount,
+        "mode": overrides["mixing_mode"],
+        "synthetic_dir": synthetic_dir,
+        "cases_csv": str(folder / "eval" / "segmentation_test_cases.csv"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
+    save_json(record, record_path)
+    return record
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for package in ("medsynth", "monai", "torch", "numpy", "pytorch-ignite", "nibabel", "scipy"):
+        try:
+            versions[package] = version(package)
+        except PackageNotFoundError:
+            versions[package] = "not installed"
+    return versions
+
+
+def run_study(
+    study_file: str | os.PathLike,
+    out_dir: str | None = None,
+    workers: int = 1,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Run (or continue) a study; returns its report page (``out_dir/report/index.html``)."""
+    from medsynth.studies.aggregate import collect_cases, study_table, write_report
+
+    spec = StudySpec.read(study_file)
+    if out_dir:
+        spec.out_dir = out_dir
+    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    cells = expand_cells(spec)
+    methods = sorted({(c.arm["method"], c.seed) for c in cells if c.arm.get("method")})
+    synthetic = {}
+    for method, seed in tqdm(methods, desc="synthetic cohorts", disable=not progress or not methods):
+        synthetic[(method, seed)] = make_synthetic_cohort(spec, method, seed)
+    jobs = [(cell, synthetic.get((cell.arm.get("method"), cell.seed), "")) for cell in cells]
+    records: list[dict] = []
+    with ExitStack() as stack:
+        client = start_client(stack, workers, scheduler)
+        if client is None:
+            for cell, synthetic_dir in tqdm(jobs, desc="study cells", disable=not progress):
+                records.append(run_cell(spec, cell, synthetic_dir))
+        else:
+            futures = [client.submit(run_cell, spec, cell, sd, pure=False) for cell, sd in jobs]
+            records = client.gather(futures)
+    table = study_table(collect_cases(records), spec.reference_arm)
+    config = {key: getattr(spec, key) for key in spec.__dataclass_fields__}
+    page = write_report(table, Path(spec.out_dir) / "report", f"Study {spec.name}", config, _versions())
+    logger.info(
+        "study %s: %d cells in %.0f s (this run); report %s",
+        spec.name,
+        len(records),
+        time.perf_counter() - start,
+        page,
+    )
+    return page
+
+
+def cell_records(spec: StudySpec) -> Sequence[Mapping[str, Any]]:
+    """The records of the cells finished so far."""
+    folder = Path(spec.out_dir) / "cells"
+    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"*/seed*/{CELL_RECORD}"))]
