@@ -174,6 +174,22 @@ def test_lesion_seg_bundle_trains_evaluates_per_patient_and_segments_in_the_inpu
     np.testing.assert_allclose(written.affine, reference.affine, atol=1e-5)
     assert set(np.unique(written.get_fdata())) <= {0, 1, 2, 3, 4}
 
+    # The model scores every case of another cohort with one command.
+    other = resolve_cohort(
+        "", common["cache_dir"], seed=9, phantom_patients=3, phantom_shape=(48, 48, 6), progress=False
+    )
+    other_dir = str(Path(other["label"].iloc[0]).parents[1])
+    run(
+        config_file=_configs("train.json", "evaluate.json"),
+        meta_file=meta,
+        eval_dataset_dir=other_dir,
+        eval_split="all",
+        **common,
+    )
+    external = pd.read_csv(out / "eval" / "segmentation_all_cases.csv")
+    assert set(external["patient_id"]) == set(other["patient_id"])
+    assert json.loads((out / "eval" / "metrics.json").read_text())["patients"] == 3
+
 
 @pytest.mark.slow
 def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path):
