@@ -17,19 +17,12 @@ def start_client(stack: ExitStack, workers: int = 1, scheduler: str | None = Non
 
     if scheduler is not None:
         return stack.enter_context(Client(scheduler))
-    # Spawned workers inherit these: one thread per ITK / BLAS / torch pool, one item per process. They
-    # are set only while the workers start, so this process keeps its own thread settings.
-    variables = ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
-    saved = {variable: os.environ.get(variable) for variable in variables}
-    os.environ.update(dict.fromkeys(variables, "1"))
-    try:
-        cluster = stack.enter_context(
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-        )
-    finally:
-        for variable, value in saved.items():
-            if value is None:
-                os.environ.pop(variable, None)
-            else:
-                os.environ[variable] = value
+    # Spawned workers inherit these: one thread per ITK / BLAS / torch pool, one item per process. This
+    # process keeps them too, so work it does itself (a rerun in-process) computes as the workers did:
+    # multi-threaded ITK filters such as N4 are not bitwise reproducible across thread counts.
+    for variable in ("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[variable] = "1"
+    cluster = stack.enter_context(
+        LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    )
     return stack.enter_context(Client(cluster))
