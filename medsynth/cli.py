@@ -44,10 +44,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as error:
-        # Input problems are the user's to fix: say what is wrong without a traceback.
-        logger.error("%s", error)
+    except Exception as error:
+        # Input problems are the user's to fix: say what is wrong without a traceback. MONAI's bundle
+        # runner wraps them ("Failed to evaluate ..."), so the cause chain is searched for one.
+        problem = _input_problem(error)
+        if problem is None:
+            raise
+        logger.error("%s", problem)
         return 2
+
+
+def _input_problem(error: BaseException) -> BaseException | None:
+    """The first ``ValueError`` / ``FileNotFoundError`` in ``error``'s cause chain, or ``None``."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (ValueError, FileNotFoundError)):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -8,9 +8,6 @@ Every run uses the bundles' own configs with tiny overrides (a 3-patient phantom
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -229,28 +226,11 @@ def test_verify_net_in_out_and_torchscript_export(tmp_path, bundle):
 @pytest.mark.slow
 def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path, cache_dir):
     # The fixture generated the cohort: two processes never race to create it.
+    from ddp_helpers import run_ddp
+
     out = tmp_path / "ddp"
-    overrides = [f"--{key}={json.dumps(value)}" for key, value in {**TINY_TRAIN, "num_epochs": 2}.items()]
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node=2",
-        "--master_port=29517",
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        str(configs("cg_samr", "train.json", "multi_gpu_train.json")),
-        "--output_dir",
-        str(out),
-        "--cache_dir",
-        cache_dir,
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    overrides = {"output_dir": str(out), "cache_dir": cache_dir, **TINY_TRAIN, "num_epochs": 2}
+    run_ddp(configs("cg_samr", "train.json", "multi_gpu_train.json"), overrides, port=29517)
     # Rank 0 alone writes checkpoints, tables and grids.
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
         "checkpoint_epoch=1.pt",

@@ -193,24 +193,13 @@ def test_lesion_seg_bundle_trains_evaluates_per_patient_and_segments_in_the_inpu
 
 @pytest.mark.slow
 def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path):
-    import os
-    import subprocess
-    import sys
+    from ddp_helpers import run_ddp
 
     cache = tmp_path / "cache"
     resolve_cohort("", cache, phantom_patients=4, phantom_shape=(48, 48, 6), progress=False)  # no race
     out = tmp_path / "ddp"
-    overrides = [
-        f"--{key}={json.dumps(value)}" for key, value in {**TINY, "num_epochs": 2, "val_interval": 1}.items()
-    ]
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
-        "-m", "monai.bundle", "run", "--config_file", str(_configs("train.json", "multi_gpu_train.json")),
-        "--output_dir", str(out), "--cache_dir", str(cache), *overrides,
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    overrides = {"output_dir": str(out), "cache_dir": str(cache), **TINY, "num_epochs": 2, "val_interval": 1}
+    run_ddp(_configs("train.json", "multi_gpu_train.json"), overrides, port=29531)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
         "checkpoint_epoch=1.pt",
         "checkpoint_epoch=2.pt",

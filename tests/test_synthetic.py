@@ -419,3 +419,16 @@ def test_the_inference_network_returns_confidence_maps_only_where_the_generator_
     torch.testing.assert_close(out[:, :2], SynthesisInferenceNetwork(cg.generator)(x))  # the same weights
     samr = SynthesisInferenceNetwork(SAMRGenerator(2, base_width=4, num_res_blocks=1), with_confidence=True)
     assert samr.eval()(x).shape == (2, 2, 32, 32)
+
+
+def test_the_cli_finds_an_input_problem_that_monai_wrapped():
+    from medsynth.cli import _input_problem
+
+    try:
+        try:
+            raise FileNotFoundError("weights not found: models/segmenter.pt (retrain ...)")
+        except FileNotFoundError as cause:
+            raise RuntimeError("Failed to evaluate ConfigExpression") from cause
+    except RuntimeError as wrapped:
+        assert "segmenter.pt" in str(_input_problem(wrapped))
+    assert _input_problem(RuntimeError("a bug, not the user's input")) is None

@@ -585,13 +585,15 @@ class MetricsTableWriter:
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
-    def __call__(self, engine: Engine) -> None:
+    def write_table_and_cases(self, engine: Engine) -> tuple[Any, Any, int]:
+        """Write the metric's table and per-case rows; returns ``(table, cases, epoch)`` (subclasses
+        write their own ``metrics.json`` from them)."""
         from medsynth.metrics import write_table
 
         table = engine.state.metric_details.get(self.metric_name)
         if table is None:
             raise RuntimeError(
-                f"no table for metric {self.metric_name!r}; attach SynthesisQualityMetric first"
+                f"no table for metric {self.metric_name!r}; attach its metric to the evaluator"
             )
         write_table(table, self.output_dir, self.table_name)
         cases = engine.state.metric_details.get(f"{self.metric_name}_cases")
@@ -599,6 +601,10 @@ class MetricsTableWriter:
             with atomic_path(self.output_dir / f"{self.table_name}_cases.csv") as tmp:
                 cases.to_csv(tmp, index=False)
         epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
+        return table, cases, epoch
+
+    def __call__(self, engine: Engine) -> None:
+        table, cases, epoch = self.write_table_and_cases(engine)
         summary = table_summary(table, self.sequences)
         record = {
             "epoch": epoch,

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Metric
 
-from medsynth.utils.io import atomic_path, save_json
+from medsynth.engines.handlers import MetricsTableWriter
+from medsynth.utils.io import save_json
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,10 @@ class LesionSegmentationMetric(Metric):
         engine.state.metric_details[f"{name}_cases"] = self.cases
 
 
-class SegmentationTableWriter:
+class SegmentationTableWriter(MetricsTableWriter):
     """After each evaluation write the segmentation table (CSV + Markdown), its per-patient rows and a
-    ``metrics.json`` with the flat numbers (attach to the evaluator).
+    ``metrics.json`` with the flat numbers (attach to the evaluator); the table and rows are written
+    as :class:`~medsynth.engines.handlers.MetricsTableWriter` writes Table I.
 
     Args:
         output_dir: folder of the tables.
@@ -129,26 +130,10 @@ class SegmentationTableWriter:
         global_epoch_fn: Callable[[Engine], int] | None = None,
         extra: Mapping[str, Any] | None = None,
     ) -> None:
-        self.output_dir = Path(output_dir)
-        self.metric_name, self.table_name = metric_name, table_name
-        self.global_epoch_fn = global_epoch_fn
-        self.extra = dict(extra or {})
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+        super().__init__(output_dir, [], metric_name, table_name, global_epoch_fn, extra)
 
     def __call__(self, engine: Engine) -> None:
-        from medsynth.metrics import write_table
-
-        table = engine.state.metric_details.get(self.metric_name)
-        if table is None:
-            raise RuntimeError(f"no table for metric {self.metric_name!r}; attach LesionSegmentationMetric")
-        write_table(table, self.output_dir, self.table_name)
-        cases = engine.state.metric_details.get(f"{self.metric_name}_cases")
-        if cases is not None:
-            with atomic_path(self.output_dir / f"{self.table_name}_cases.csv") as tmp:
-                cases.to_csv(tmp, index=False)
-        epoch = self.global_epoch_fn(engine) if self.global_epoch_fn else int(engine.state.epoch)
+        table, cases, epoch = self.write_table_and_cases(engine)
         summary = segmentation_summary(table)
         patients = int(cases["patient_id"].nunique()) if cases is not None else None
         save_json(

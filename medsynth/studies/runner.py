@@ -31,7 +31,6 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -256,9 +255,3 @@ def run_study(
         page,
     )
     return page
-
-
-def cell_records(spec: StudySpec) -> Sequence[Mapping[str, Any]]:
-    """The records of the cells finished so far."""
-    folder = Path(spec.out_dir) / "cells"
-    return [json.loads(p.read_text()) for p in sorted(folder.glob(f"*/seed*/{CELL_RECORD}"))]

@@ -243,7 +243,13 @@ class SyntheticCohortBuilder:
     # -- set-up (once per process) ------------------------------------------------------------------
     def _load_weights(self, module: nn.Module, path: str) -> None:
         if not Path(path).is_file():
-            raise FileNotFoundError(f"weights not found: {path} (train the bundle first)")
+            hint = (
+                "a model trained before medsynth saved its U-Net has none: retrain, give --segmenter, or "
+                "switch the segmentation gate off with --set segmentation_threshold=null"
+                if module is self.segmenter
+                else "train the bundle first"
+            )
+            raise FileNotFoundError(f"weights not found: {path} ({hint})")
         module.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         module.to(self.device).eval()
 
@@ -519,9 +525,9 @@ class SyntheticCohortBuilder:
     def run(self) -> dict[str, Any]:
         """Make the cohort; returns the summary (also written to ``augment_summary.json``)."""
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        self._check_run_record()
         run_start = time.perf_counter()
-        self._prepare()
+        self._prepare()  # first: it refuses missing weights before anything is hashed or written
+        self._check_run_record()
         states: list[dict[str, Any]] = []
         bar = tqdm(total=self.num_cases, desc="synthetic cases", unit="case", disable=not self.progress)
         with ExitStack() as stack:
@@ -651,8 +657,3 @@ def format_summary(summary: Mapping[str, Any]) -> str:
             f"filter rate {stats['filter_rate']:.1%}"
         )
     return "\n".join(lines)
-
-
-def read_provenance(case_dir: str | os.PathLike) -> dict[str, Any]:
-    """A synthetic case's provenance record."""
-    return json.loads((Path(case_dir) / PROVENANCE_NAME).read_text())
