@@ -64,6 +64,12 @@ def atlas_column(sequence: str) -> str:
     return f"atlas_{sequence}"
 
 
+def confidence_column(sequence: str) -> str:
+    """Manifest column (and file stem) of a synthetic case's confidence map of ``sequence``
+    (:func:`medsynth.data.manifest.stored_path_columns` lists it)."""
+    return f"confidence_{sequence}"
+
+
 # File-name stems seen in the wild for each sequence (raw exams, BraTS, TCGA), lower case.
 SEQUENCE_ALIASES: dict[str, str] = {
     "t1": "t1w",

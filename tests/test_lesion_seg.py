@@ -195,13 +195,42 @@ def test_lesion_seg_bundle_trains_evaluates_per_patient_and_segments_in_the_inpu
 def test_multi_gpu_config_runs_ddp_on_two_cpu_processes(tmp_path):
     from ddp_helpers import run_ddp
 
+    from medsynth.data.dataset import make_slice_dataset
+
     cache = tmp_path / "cache"
-    resolve_cohort("", cache, phantom_patients=4, phantom_shape=(48, 48, 6), progress=False)  # no race
+    manifest = resolve_cohort(
+        "", cache, phantom_patients=4, phantom_shape=(48, 48, 6), progress=False
+    )  # no race
     out = tmp_path / "ddp"
+    mixing = {"classic_augmentation": True, "synthetic_percent": 50, "mixing_mode": "synthetic_first"}
     overrides = {"output_dir": str(out), "cache_dir": str(cache), **TINY, "num_epochs": 2, "val_interval": 1}
+    overrides.update(mixing)
     run_ddp(_configs("train.json", "multi_gpu_train.json"), overrides, port=29531)
     assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == [
         "checkpoint_epoch=1.pt",
         "checkpoint_epoch=2.pt",
     ]
     assert json.loads((out / "metrics" / "metrics.json").read_text())["epoch"] == 2
+    # Each of the 2 processes stepped through its half of the mixed epoch (real + as many copies).
+    real = len(make_slice_dataset(manifest, "train", 32, progress=False))
+    per_rank = -(-2 * real // 2)
+    steps = per_rank // TINY["batch_size"] if per_rank > TINY["batch_size"] else 1
+    trainer_state = torch.load(out / "checkpoints" / "checkpoint_epoch=2.pt", weights_only=False)["trainer"]
+    assert trainer_state["epoch_length"] == steps
+
+
+@pytest.mark.parametrize("mode", ["random", "synthetic_first"])
+def test_under_ddp_the_ranks_together_draw_the_single_process_order_step_by_step(mode):
+    dataset = MixedDataset(Items(10, 0.0), Items(8, 1.0))
+    single = MixingSampler(dataset, 7, mode, num_epochs=3, seed=2)
+    ranks = [MixingSampler(dataset, 7, mode, num_epochs=3, seed=2, num_replicas=3, rank=r) for r in range(3)]
+    for epoch in range(3):
+        single.set_epoch(epoch)
+        for sampler in ranks:
+            sampler.set_epoch(epoch)
+        shards = [list(sampler) for sampler in ranks]
+        assert all(len(shard) == len(ranks[0]) == 6 for shard in shards)  # 17 padded to 18
+        interleaved = [index for step in zip(*shards, strict=True) for index in step]
+        assert interleaved[:17] == list(single) and interleaved[17] == interleaved[0]
+    with pytest.raises(ValueError, match="rank 3"):
+        MixingSampler(dataset, 7, mode, num_replicas=3, rank=3)

@@ -255,3 +255,32 @@ def test_generator_objective_gradients_reach_every_generator_parameter():
     d_loss.backward()
     assert all(p.grad is None for p in generator.parameters())
     assert all(p.grad is not None for p in discriminator.parameters())
+
+
+def test_the_voxel_weighted_segmentation_loss_is_monai_dicece_at_unit_weights_and_ignores_zero_weights():
+    from monai.losses import DiceCELoss
+
+    from medsynth.losses import VoxelWeightedDiceCELoss
+
+    torch.manual_seed(0)
+    scores = torch.randn(3, NUM_LABELS, 12, 12)
+    labels = torch.randint(0, NUM_LABELS, (3, 1, 12, 12)).float()
+    loss = VoxelWeightedDiceCELoss()
+    monai_loss = DiceCELoss(to_onehot_y=True, softmax=True)(scores, labels)
+    torch.testing.assert_close(loss(scores, labels), monai_loss)
+    torch.testing.assert_close(loss(scores, torch.cat([labels, torch.ones_like(labels)], 1)), monai_loss)
+
+    # Zero-weight voxels do not count: changing the prediction there changes nothing.
+    weights = torch.ones_like(labels)
+    weights[..., :6] = 0.0
+    target = torch.cat([labels, weights], 1)
+    changed = scores.clone()
+    changed[..., :6] = torch.randn_like(changed[..., :6]) * 10
+    torch.testing.assert_close(loss(changed, target), loss(scores, target))
+    assert not torch.isclose(loss(changed, labels), loss(scores, labels))
+    # Down-weighted wrong voxels cost less than fully weighted ones.
+    wrong = F.one_hot((labels[:, 0].long() + 1) % NUM_LABELS, NUM_LABELS).movedim(-1, 1).float() * 8
+    half = torch.cat([labels, torch.full_like(labels, 0.5)], 1)
+    assert loss(wrong, half) < loss(wrong, labels)
+    with pytest.raises(ValueError, match="1 \\(labels\\) or 2"):
+        loss(scores, torch.cat([labels, labels, labels], 1))

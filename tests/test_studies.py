@@ -1,5 +1,6 @@
 """The augmentation study: aggregation on known numbers (intervals, a planted difference), the study
-file's checks, and a tiny study end to end (2 arms x 2 seeds) with the resume of a killed run."""
+file's checks, and a tiny study end to end (2 arms x 2 seeds) with the resume of a killed run and
+the scoring of another cohort with the cells' models."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from medsynth.studies import (
     expand_cells,
     paired_difference,
     run_study,
+    score_cohort,
     study_table,
 )
 from medsynth.studies import runner as study_runner
@@ -152,3 +154,31 @@ def test_a_tiny_study_runs_end_to_end_and_a_killed_one_resumes(tmp_path, monkeyp
     assert "classic_50" in (report / "table2.md").read_text() and "<img" in page.read_text()
     versions = json.loads((report / "study_config.json").read_text())["versions"]
     assert versions["monai"] and versions["torch"]
+
+    # Every cell's model scores every case of another cohort, with one call (the CLI's --score-cohort).
+    from medsynth.data.cohort import resolve_cohort
+
+    other = resolve_cohort("", tmp_path / "other_cache", seed=5, phantom_patients=3,
+                           phantom_shape=(48, 48, 6), progress=False)  # fmt: skip
+    other_dir = str(Path(other["label"].iloc[0]).parents[1])
+    with pytest.raises(ValueError, match="no cell"):
+        score_cohort(study, other_dir, cells=["real/seed9"], progress=False)
+    scored = score_cohort(study, other_dir, progress=False)
+    cohort = Path(other_dir).name
+    assert scored.parent.name == f"report_{cohort}"
+    cases = pd.read_csv(
+        tmp_path
+        / "study"
+        / "cells"
+        / "classic_50"
+        / "seed1"
+        / f"eval_{cohort}"
+        / "segmentation_all_cases.csv"
+    )
+    assert set(cases["patient_id"]) == set(other["patient_id"])
+    external = pd.read_csv(scored.parent / "study_table.csv")
+    assert set(external["arm"]) == {"real", "classic_50"}
+    assert not external.equals(table)  # another cohort, other numbers
+    assert (
+        json.loads((scored.parent / "study_config.json").read_text())["config"]["scored_cohort"] == other_dir
+    )

@@ -72,6 +72,21 @@ def test_a_plausible_mask_passes_and_each_implausible_one_names_its_reason(tmp_p
     bare_core[10:15, 18:23, 2:6] = TUMOR
     verdict = validator(bare_core, brain)
     assert verdict.reason == "not_nested" and verdict.measures["core_exposure"] > 0.5
+    # Real masks (BraTS) carry stray core voxels and partly exposed cores: a source's own exposure
+    # (plus the margin) is allowed, and components under min_component_voxels are the sliver rule's.
+    speckled = source.copy()
+    speckled[30, 20, 3] = TUMOR  # one core voxel in normal brain
+    assert validator.core_exposure(speckled) == validator.core_exposure(source)
+    half_bare = source.copy()
+    half_bare[..., 2:6][(half_bare[..., 2:6] == EDEMA) & (np.arange(40)[:, None, None] < 12)] = NORMAL_BRAIN
+    exposure = validator.core_exposure(half_bare)
+    assert 0.0 < exposure <= 0.5 and validator.core_exposure(bare_core) > 0.5
+    assert validator(bare_core, brain, source_label=half_bare).reason == "not_nested"  # more exposed
+    assert validator(half_bare, brain, source_label=half_bare).accepted
+    loose = LesionMaskPlausibility(min_component_voxels=10, max_core_exposure=0.0)
+    verdict = loose(half_bare, brain, source_label=half_bare)
+    assert verdict.accepted and verdict.measures["source_core_exposure"] == exposure
+    assert loose(half_bare, brain, source_label=source).reason == "not_nested"
 
     sliver = source.copy()
     sliver[28, 20, 3] = EDEMA  # a one-voxel island the source did not have
@@ -99,6 +114,15 @@ def test_a_plausible_mask_passes_and_each_implausible_one_names_its_reason(tmp_p
     verdict = validator(mirrored_across, brain, source_label=source)
     assert verdict.reason == "crosses_midline"
     assert validator(mirrored_across, brain, source_label=mirrored_across).accepted  # the source did too
+
+
+def test_real_brats_masks_pass_the_mask_gate_against_themselves(brats_dir, tmp_path):
+    manifest = resolve_cohort(str(brats_dir), tmp_path / "cache", progress=False)
+    validator = LesionMaskPlausibility()
+    for _, row in manifest.iterrows():
+        label = nib.load(row["label"]).get_fdata()
+        verdict = validator(label, nib.load(row["brain_mask"]).get_fdata(), source_label=label)
+        assert verdict.accepted, (row["patient_id"], verdict.reason, verdict.detail)
 
 
 def test_the_dictionary_form_reads_the_voxel_volume_from_the_affine():
@@ -432,3 +456,64 @@ def test_the_cli_finds_an_input_problem_that_monai_wrapped():
     except RuntimeError as wrapped:
         assert "segmenter.pt" in str(_input_problem(wrapped))
     assert _input_problem(RuntimeError("a bug, not the user's input")) is None
+
+
+def test_the_confidence_weighted_arm_trains_on_synthetic_voxels_weighted_by_their_confidence(
+    tmp_path, cohort, weights, monkeypatch
+):
+    from monai.bundle import run
+
+    from medsynth.data.dataset import make_slice_dataset
+    from medsynth.data.mixing import training_mixture
+    from medsynth.engines import PrepareBatchWithWeights
+    from medsynth.losses import VoxelWeightedDiceCELoss
+
+    out = tmp_path / "synthetic"
+    _builder(cohort, weights, out, num_cases=2).run()
+    cache = tmp_path / "cache"
+    real = make_slice_dataset(cohort, "train", 32, progress=False)
+    mixture = training_mixture(
+        real, str(out), percent=50, confidence_weighted=True, image_size=32, cache_dir=str(cache)
+    )
+    dataset = mixture["dataset"]
+    assert torch.equal(dataset[0]["weight"], torch.ones(1, 32, 32))
+    synthetic = make_slice_dataset(
+        resolve_cohort(str(out), cache, progress=False), "train", 32, with_confidence=True, progress=False
+    )
+    first = synthetic[0]
+    assert first["confidence"].shape == (len(synthetic.sequences), 32, 32)
+    weight = dataset[len(real)]["weight"]
+    torch.testing.assert_close(weight, first["confidence"].mean(0, keepdim=True))
+    assert 0.0 <= weight.min() and weight.max() <= 1.0 and weight.min() < 1.0
+
+    batch = torch.utils.data.default_collate([dataset[i] for i in (0, len(real), len(real) + 1)])
+    image, target = PrepareBatchWithWeights()(batch)
+    assert target.shape == (3, 2, 32, 32) and torch.equal(target[:, :1], batch["label"].float())
+    scores = torch.randn(3, 5, 32, 32, requires_grad=True)
+    VoxelWeightedDiceCELoss()(scores, target).backward()
+    assert torch.isfinite(scores.grad).all()
+    with pytest.raises(ValueError, match="needs a synthetic cohort"):
+        training_mixture(real, confidence_weighted=True, percent=50, classic=True)
+
+    # The bundle's arm: one epoch of lesion_seg on the weighted mixture.
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(repo)
+    configs = repo / "bundles" / "lesion_seg" / "configs"
+    run_dir = tmp_path / "lesion"
+    run(
+        config_file=str(configs / "train.json"),
+        meta_file=str(configs / "metadata.json"),
+        output_dir=str(run_dir),
+        cache_dir=str(cache),
+        phantom_patients=6,
+        phantom_shape=list(SHAPE),
+        image_size=32,
+        unet_channels=[4, 8, 16, 32, 64],
+        batch_size=8,
+        num_epochs=1,
+        val_interval=1,
+        synthetic_dir=str(out),
+        synthetic_percent=50,
+        confidence_weighting=True,
+    )
+    assert (run_dir / "checkpoints" / "checkpoint_epoch=1.pt").is_file()

@@ -25,7 +25,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--brain-mask", default=None, help="brain mask of the label maps (default: label > 0)"
     )
-    parser.add_argument("--source", default=None, help="the unmanipulated label map (for the midline rule)")
+    parser.add_argument(
+        "--source",
+        default=None,
+        help="the unmanipulated label map (for the midline, sliver and nesting rules)",
+    )
     parser.add_argument(
         "--dataset-dir",
         default=None,
@@ -37,6 +41,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--volume-margin", type=float, default=0.25)
     parser.add_argument("--min-component-voxels", type=int, default=20)
     parser.add_argument("--max-core-exposure", type=float, default=0.5)
+    parser.add_argument(
+        "--core-exposure-margin",
+        type=float,
+        default=0.1,
+        help="with --source: its exposure plus this is allowed",
+    )
     parser.set_defaults(func=run_mask_check)
 
 
@@ -53,7 +63,9 @@ def run_mask_check(args: argparse.Namespace) -> int:
         manifest = resolve_cohort(args.dataset_dir, args.cache_dir, build_atlas=False)
         train = manifest[manifest["split"] == "train"]
         volume_range = LesionVolumeRange.from_label_files(train["label"], args.volume_margin)
-    validator = LesionMaskPlausibility(volume_range, args.min_component_voxels, args.max_core_exposure)
+    validator = LesionMaskPlausibility(
+        volume_range, args.min_component_voxels, args.max_core_exposure, args.core_exposure_margin
+    )
 
     def load(path: str) -> tuple[np.ndarray, nib.Nifti1Image]:
         try:

@@ -24,12 +24,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", default=None, help="output folder (default: the file's out_dir)")
     parser.add_argument("--workers", type=int, default=1, help="Dask worker processes for the cells")
     parser.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler")
+    parser.add_argument(
+        "--score-cohort",
+        default=None,
+        metavar="DIR",
+        help="instead of running the study, score every case of the cohort DIR with its finished cells' "
+        "models (report in OUT/report_<cohort>)",
+    )
+    parser.add_argument(
+        "--cells", nargs="*", default=None, metavar="ARM/seedK", help="with --score-cohort: only these cells"
+    )
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from medsynth.studies import run_study
+    from medsynth.studies import run_study, score_cohort
 
-    page = run_study(args.study_file, args.out, args.workers, args.scheduler)
+    if args.score_cohort is not None:
+        page = score_cohort(args.study_file, args.score_cohort, args.cells, args.out)
+    elif args.cells is not None:
+        raise ValueError("--cells chooses the cells of --score-cohort; a study runs all its cells")
+    else:
+        page = run_study(args.study_file, args.out, args.workers, args.scheduler)
     logger.info("report: %s", page)
     return 0

@@ -15,7 +15,9 @@ An item (all tensors, ``H = W = image_size``, ``N`` sequences in manifest order)
   ``z + k - 1`` (edge slices repeat); ``"atlas_window"`` ``(N, 2)``;
 * ``"mask"`` float32 ``(5, H, W)``: one-hot label map; ``"label"`` int64 ``(1, H, W)``;
   ``"brain_mask"`` float32 ``(1, H, W)``; ``"patient_id"`` str; ``"slice_index"`` int (axial index
-  in RAS orientation).
+  in RAS orientation);
+* with ``with_confidence`` (synthetic cohorts of CG-SAMR, :mod:`medsynth.synthetic`): ``"confidence"``
+  float32 ``(N, H, W)`` in (0, 1), the synthesis model's confidence map of each sequence.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from medsynth.constants import (
     MANIFEST_LABEL_COLUMN,
     SPLITS,
     atlas_column,
+    confidence_column,
 )
 from medsynth.data.manifest import sequences_of
 from medsynth.transforms.intensity import ScaleToUnitd, WindowSpec, windows_for
@@ -76,6 +79,7 @@ def patient_volume_transforms(
     image_size: int = 256,
     windows: Mapping[str, WindowSpec] | None = None,
     crop_tolerance: float = 0.0,
+    confidence_keys: Sequence[str] = (),
 ) -> Compose:
     """Manifest row (paths) -> processed patient volumes.
 
@@ -90,20 +94,28 @@ def patient_volume_transforms(
         image_size: in-plane output size ``S``.
         windows: per-sequence window overrides (see :mod:`medsynth.transforms.intensity`).
         crop_tolerance: see :class:`medsynth.transforms.slices.FitInPlane`.
+        confidence_keys: manifest columns of per-sequence confidence maps (in channel order), fitted
+            like the images and stacked, unscaled, as ``"confidence"`` ``(N, D, S, S)``.
     """
-    sequences = list(sequences)
-    keys = [*sequences, *_LABEL_KEYS]
+    sequences, confidence_keys = list(sequences), list(confidence_keys)
+    keys = [*sequences, *_LABEL_KEYS, *confidence_keys]
+    confidence = ["confidence"] if confidence_keys else []
     return Compose(
         [
             *load_ras(keys),
             FitInPlaned(
                 keys,
                 image_size,
-                mode=["area"] * len(sequences) + ["nearest", "nearest"],
+                mode=["area"] * len(sequences) + ["nearest", "nearest"] + ["area"] * len(confidence_keys),
                 crop_tolerance=crop_tolerance,
             ),
             ConcatItemsd(sequences, name="image"),
             DeleteItemsd(sequences),
+            *(
+                [ConcatItemsd(confidence_keys, name="confidence"), DeleteItemsd(confidence_keys)]
+                if confidence
+                else []
+            ),
             AsDiscreted(MANIFEST_BRAIN_MASK_COLUMN, threshold=BRAIN_MASK_THRESHOLD, dtype=torch.uint8),
             ScaleToUnitd(
                 "image",
@@ -113,8 +125,10 @@ def patient_volume_transforms(
             ),
             *one_hot_mask(MANIFEST_LABEL_COLUMN, "mask"),
             CastToTyped(MANIFEST_LABEL_COLUMN, dtype=torch.uint8),
-            *_axial_first(["image", "mask", *_LABEL_KEYS]),
-            EnsureTyped(["image", "window", "mask", *_LABEL_KEYS], data_type="tensor", track_meta=False),
+            *_axial_first(["image", "mask", *_LABEL_KEYS, *confidence]),
+            EnsureTyped(
+                ["image", "window", "mask", *_LABEL_KEYS, *confidence], data_type="tensor", track_meta=False
+            ),
         ]
     )
 
@@ -243,7 +257,7 @@ class SliceDataset(torch.utils.data.Dataset):
                 f"the patient's {volume['image'].shape[1]} slices"
             )
         # Volumes are axial-first (C, D, H, W); clone() so items never share the cache's memory.
-        return {
+        item = {
             "image": volume["image"][:, z].clone(),
             "mask": volume["mask"][:, z].float(),
             "atlas": neighbour_slices(atlas["atlas"], z, ATLAS_NEIGHBOURS, axis=1).float(),
@@ -254,6 +268,9 @@ class SliceDataset(torch.utils.data.Dataset):
             "patient_id": self.patient_ids[patient],
             "slice_index": z,
         }
+        if "confidence" in volume:
+            item["confidence"] = volume["confidence"][:, z].float()
+        return item
 
 
 def make_slice_dataset(
@@ -268,6 +285,7 @@ def make_slice_dataset(
     windows: Mapping[str, WindowSpec] | None = None,
     crop_tolerance: float = 0.0,
     progress: bool = True,
+    with_confidence: bool = False,
 ) -> SliceDataset:
     """The 2D-instance dataset of the patients of ``splits``.
 
@@ -285,6 +303,8 @@ def make_slice_dataset(
         windows: per-sequence intensity-window overrides, e.g. ``{"aptw": (-4.0, 4.0)}``.
         crop_tolerance: see :class:`medsynth.transforms.slices.FitInPlane`.
         progress: show progress bars.
+        with_confidence: items carry ``"confidence"``; the manifest must have the
+            ``confidence_<sequence>`` columns of a CG-SAMR synthetic cohort.
     """
     split_list = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else list(splits)
     unknown = sorted(set(split_list) - set(SPLITS))
@@ -299,9 +319,12 @@ def make_slice_dataset(
         raise ValueError(f"no patient in split(s) {split_list}")
     sequences = sequences_of(manifest)
     atlas_keys = [atlas_column(s) for s in sequences]
-    missing = [c for c in (*_LABEL_KEYS, *atlas_keys) if c not in rows.columns]
+    confidence_keys = [confidence_column(s) for s in sequences] if with_confidence else []
+    missing = [c for c in (*_LABEL_KEYS, *atlas_keys, *confidence_keys) if c not in rows.columns]
     if missing:
-        raise ValueError(f"manifest lacks column(s) {missing}")
+        hint = " (confidence maps come with synthetic cohorts of a model that predicts them: CG-SAMR)"
+        raise ValueError(f"manifest lacks column(s) {missing}" + (hint if confidence_keys else ""))
+    patient_keys = (*sequences, *_LABEL_KEYS, *confidence_keys)
 
     table = selected_slices(slice_table(rows, progress), slice_selection, min_brain_fraction)
     position = {pid: i for i, pid in enumerate(rows["patient_id"])}
@@ -313,11 +336,11 @@ def make_slice_dataset(
     atlas_index = {paths: i for i, paths in enumerate(atlas_sets)}
     patient_items, atlas_items = [], []
     for _, row in rows.iterrows():
-        files = [row[k] for k in (*sequences, *_LABEL_KEYS)]
+        files = [row[k] for k in patient_keys]
         patient_items.append(
             {
                 "patient_id": row["patient_id"],
-                **{k: row[k] for k in (*sequences, *_LABEL_KEYS)},
+                **{k: row[k] for k in patient_keys},
                 "files_stamp": files_fingerprint(files) if cache == "disk" else "",
             }
         )
@@ -334,8 +357,11 @@ def make_slice_dataset(
         "image_size": image_size,
         "windows": windows_for(sequences, windows),
         "crop_tolerance": crop_tolerance,
+        **({"confidence": True} if confidence_keys else {}),  # older cache folders keep their names
     }
-    patient_transform = patient_volume_transforms(sequences, image_size, windows, crop_tolerance)
+    patient_transform = patient_volume_transforms(
+        sequences, image_size, windows, crop_tolerance, confidence_keys
+    )
     atlas_transform = atlas_volume_transforms(sequences, image_size, windows, crop_tolerance)
     if cache == "memory":
         workers = max(1, num_workers)

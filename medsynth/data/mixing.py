@@ -15,7 +15,14 @@ chosen number of extra ones, in one of the modes:
   every step of one source comes before any of the other (pre-training, then fine-tuning); each
   source gets iteration steps in proportion to its amount.
 
-The sampler follows ``DistributedSampler``'s protocol (``set_epoch``; MONAI's trainers call it).
+The sampler follows ``DistributedSampler``'s protocol (``set_epoch``; MONAI's trainers call it) and
+shards like it under DDP (``num_replicas``, ``rank``): every process takes every ``num_replicas``-th
+index of the same global order, so the ranks together draw the single-process run's instances, in
+its order, step by step.
+
+The confidence-weighted arm (``confidence_weighted``) gives every item a voxel ``"weight"``: 1 for
+real instances and, for synthetic ones, CG-SAMR's confidence averaged over the sequences
+(:func:`confidence_weight`); :class:`medsynth.losses.VoxelWeightedDiceCELoss` takes it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ __all__ = [
     "MixedDataset",
     "MixingSampler",
     "classic_augmentation",
+    "confidence_weight",
     "synthetic_count",
     "training_mixture",
 ]
@@ -102,6 +110,12 @@ class AugmentedCopies(Dataset):
         return item
 
 
+def confidence_weight(confidence: torch.Tensor) -> torch.Tensor:
+    """Voxel loss weight ``(1, H, W)`` of a synthetic instance from its per-sequence confidence maps
+    ``(N, H, W)`` in (0, 1): their mean, so a voxel counts as much as the model trusts it on average."""
+    return confidence.float().mean(dim=0, keepdim=True)
+
+
 class MixedDataset(Dataset):
     """The real instances followed by the extra ones; every item gets ``"source"`` (``"real"`` or
     ``extra_name``) and only the keys both share (so batches collate).
@@ -111,6 +125,8 @@ class MixedDataset(Dataset):
         extra: the synthetic (or augmented) instances.
         extra_name: the source name of ``extra``'s items.
         keys: the keys an item keeps (default: ``image``, ``label``, ``patient_id``).
+        confidence_weighted: every item also gets ``"weight"`` ``(1, H, W)``: ones for real items,
+            :func:`confidence_weight` of the ``"confidence"`` of extra items (which must carry it).
     """
 
     def __init__(
@@ -119,8 +135,10 @@ class MixedDataset(Dataset):
         extra: Dataset | None,
         extra_name: str = "synthetic",
         keys: Sequence[str] = ("image", "label", "patient_id"),
+        confidence_weighted: bool = False,
     ) -> None:
         self.real, self.extra, self.extra_name, self.keys = real, extra, extra_name, tuple(keys)
+        self.confidence_weighted = bool(confidence_weighted)
 
     @property
     def real_size(self) -> int:
@@ -138,7 +156,17 @@ class MixedDataset(Dataset):
             item, source = self.real[index], "real"
         else:
             item, source = self.extra[index - self.real_size], self.extra_name
-        return {**{k: item[k] for k in self.keys if k in item}, "source": source}
+        out = {**{k: item[k] for k in self.keys if k in item}, "source": source}
+        if self.confidence_weighted:
+            if source == "real":
+                out["weight"] = torch.ones_like(item["label"], dtype=torch.float32)
+            elif "confidence" in item:
+                out["weight"] = confidence_weight(item["confidence"])
+            else:
+                raise ValueError(
+                    f"{source} instance {index - self.real_size} has no confidence map to weight by"
+                )
+        return out
 
 
 class MixingSampler(Sampler[int]):
@@ -151,6 +179,8 @@ class MixingSampler(Sampler[int]):
         mode: one of :data:`MIXING_MODES`.
         num_epochs: the run's length (the ordered modes order the whole run).
         seed: seed of the draws and the shuffles.
+        num_replicas: DDP processes sharing the epoch (1 without DDP).
+        rank: this process's rank among them.
     """
 
     def __init__(
@@ -160,6 +190,8 @@ class MixingSampler(Sampler[int]):
         mode: str = "random",
         num_epochs: int = 1,
         seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
     ) -> None:
         if mode not in MIXING_MODES:
             raise ValueError(f"unknown mixing mode {mode!r}; choose one of {MIXING_MODES}")
@@ -168,14 +200,22 @@ class MixingSampler(Sampler[int]):
         self.real_size, self.extra_size = dataset.real_size, dataset.extra_size
         self.extra_count, self.mode = int(extra_count), mode
         self.num_epochs, self.seed = max(int(num_epochs), 1), int(seed)
+        if not 0 <= int(rank) < int(num_replicas):
+            raise ValueError(f"rank {rank} is not among {num_replicas} replica(s)")
+        self.num_replicas, self.rank = int(num_replicas), int(rank)
         self.epoch = 0
         self._run_order: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
-    def __len__(self) -> int:
+    @property
+    def epoch_size(self) -> int:
+        """Instances per epoch over all processes."""
         return self.real_size + self.extra_count
+
+    def __len__(self) -> int:
+        return -(-self.epoch_size // self.num_replicas)
 
     def _epoch_draw(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s indices, shuffled together (the random mode's order)."""
@@ -188,7 +228,8 @@ class MixingSampler(Sampler[int]):
         return rng.permutation(indices)
 
     def run_order(self) -> np.ndarray:
-        """The whole run's indices (``num_epochs`` x ``len(self)``), in the mode's order (computed once)."""
+        """The whole run's indices (``num_epochs`` x ``epoch_size``, all processes), in the mode's order
+        (computed once)."""
         if self._run_order is None:
             self._run_order = self._ordered_run()
         return self._run_order
@@ -204,12 +245,19 @@ class MixingSampler(Sampler[int]):
         )
         return np.concatenate([first, second])
 
-    def __iter__(self) -> Iterator[int]:
-        epoch = self.epoch % self.num_epochs
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """Epoch ``epoch``'s indices over all processes, in order."""
+        epoch %= self.num_epochs
         if self.mode == "random":
-            return iter(self._epoch_draw(epoch).tolist())
-        start = epoch * len(self)
-        return iter(self.run_order()[start : start + len(self)].tolist())
+            return self._epoch_draw(epoch)
+        start = epoch * self.epoch_size
+        return self.run_order()[start : start + self.epoch_size]
+
+    def __iter__(self) -> Iterator[int]:
+        indices = self.epoch_indices(self.epoch)
+        if self.num_replicas > 1:  # pad by wrapping, as DistributedSampler does, so every rank steps alike
+            indices = np.resize(indices, len(self) * self.num_replicas)[self.rank :: self.num_replicas]
+        return iter(indices.tolist())
 
 
 def training_mixture(
@@ -225,6 +273,9 @@ def training_mixture(
     cache_dir: str = "runs/cache",
     slice_selection: str = "brain",
     real_dataset_dir: str = "",
+    confidence_weighted: bool = False,
+    num_replicas: int = 1,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """The lesion-segmentation bundle's training data: ``{"dataset", "sampler", "extra_count"}``.
 
@@ -233,13 +284,18 @@ def training_mixture(
     copies of the real instances), the amount (``percent`` or ``multiple``, :func:`synthetic_count`) of
     extra instances per epoch is mixed in by ``mode``. A synthetic cohort must hold the real instances'
     sequences, and its preprocessing fingerprint (where known) must be the real cohort's
-    (``real_dataset_dir``).
+    (``real_dataset_dir``). ``confidence_weighted`` weights the synthetic voxels by the cohort's
+    confidence maps (the items get ``"weight"``); ``num_replicas`` and ``rank`` shard the sampler
+    under DDP.
     """
     from medsynth.utils.bundles import as_flag
 
     classic = as_flag(classic, "classic_augmentation")
+    confidence_weighted = as_flag(confidence_weighted, "confidence_weighting")
     if synthetic_dir and classic:
         raise ValueError("choose synthetic_dir or classic augmentation for the extra instances, not both")
+    if confidence_weighted and not synthetic_dir:
+        raise ValueError("confidence weighting needs a synthetic cohort (synthetic_dir) with confidence maps")
     extra_count = 0
     if (synthetic_dir or classic) and (percent is not None or multiple is not None):
         extra_count = synthetic_count(len(real), percent, multiple)
@@ -256,7 +312,9 @@ def training_mixture(
             }
         )
         manifest = resolve_cohort(synthetic_dir, cache_dir, build_atlas=False)
-        extra = make_slice_dataset(manifest, "train", image_size, slice_selection)
+        extra = make_slice_dataset(
+            manifest, "train", image_size, slice_selection, with_confidence=confidence_weighted
+        )
         real_sequences = getattr(real, "sequences", None)
         if real_sequences is not None and tuple(extra.sequences) != tuple(real_sequences):
             raise ValueError(
@@ -265,6 +323,6 @@ def training_mixture(
             )
     elif classic and extra_count:
         extra, name = AugmentedCopies(real, extra_count, seed), "classic_augmentation"
-    dataset = MixedDataset(real, extra, name)
-    sampler = MixingSampler(dataset, extra_count, mode, num_epochs, seed)
+    dataset = MixedDataset(real, extra, name, confidence_weighted=confidence_weighted)
+    sampler = MixingSampler(dataset, extra_count, mode, num_epochs, seed, num_replicas, rank)
     return {"dataset": dataset, "sampler": sampler, "extra_count": extra_count}

@@ -20,6 +20,7 @@ from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
     LesionSegmentationMetric,
+    PrepareBatchWithWeights,
     SegmentationTableWriter,
     segmentation_summary,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "CheckpointPruner",
     "MetricsTableWriter",
     "LesionSegmentationMetric",
+    "PrepareBatchWithWeights",
     "ModelAtlasSaver",
     "PeriodicValidationHandler",
     "PrepareDictBatch",

@@ -6,6 +6,9 @@ it per patient: MONAI's ``SliceInferer`` runs the 2D network over each patient's
 HD95, sensitivity, specificity per lesion class) over the patients. The papers report per-instance
 (per-slice) figures; a per-patient Dice weighs every voxel of a patient's lesion once, so small
 lesion slices do not dominate, and HD95 is a 3D distance (in voxels of the network's grid).
+
+Training batches go through :class:`PrepareBatchWithWeights`, which hands the confidence-weighted
+arm's voxel weights to :class:`medsynth.losses.VoxelWeightedDiceCELoss`.
 """
 
 from __future__ import annotations
@@ -18,13 +21,47 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 from ignite.metrics import Metric
+from monai.engines.utils import PrepareBatch
 
 from medsynth.engines.handlers import MetricsTableWriter
 from medsynth.utils.io import save_json
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LesionSegmentationMetric", "SegmentationTableWriter", "segmentation_summary"]
+__all__ = [
+    "LesionSegmentationMetric",
+    "PrepareBatchWithWeights",
+    "SegmentationTableWriter",
+    "segmentation_summary",
+]
+
+
+class PrepareBatchWithWeights(PrepareBatch):
+    """``(image, label)`` of a training batch; where the batch has ``weight_key`` (the
+    confidence-weighted arm), the label gets the weights as a second channel (``SupervisedTrainer``
+    gives the loss only the prediction and this target).
+
+    Args:
+        weight_key: batch key of the voxel weights ``(B, 1, H, W)``.
+    """
+
+    def __init__(self, weight_key: str = "weight") -> None:
+        self.weight_key = weight_key
+
+    def __call__(
+        self,
+        batchdata: dict[str, torch.Tensor],
+        device: str | torch.device | None = None,
+        non_blocking: bool = False,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        image, label = batchdata["image"], batchdata["label"]
+        if self.weight_key in batchdata:
+            label = torch.cat([label.float(), batchdata[self.weight_key].float()], dim=1)
+        return (
+            image.to(device=device, non_blocking=non_blocking, **kwargs),
+            label.to(device=device, non_blocking=non_blocking, **kwargs),
+        )
 
 
 def _segmentation_output(output: Mapping[str, Any]) -> tuple:

@@ -1,4 +1,5 @@
-"""Losses of SAMR / CG-SAMR: adversarial (LSGAN), feature matching, shape consistency, confidence map.
+"""Losses of SAMR / CG-SAMR: adversarial (LSGAN), feature matching, shape consistency, confidence map;
+and the lesion segmenter's voxel-weighted Dice + cross-entropy (the study's confidence-weighted arm).
 
 The papers' weights of the generator objective (CG-SAMR eq. 6) are in :data:`PAPER_LOSS_WEIGHTS`;
 every loss also takes a ``weight`` argument (default 1) for callers that prefer to set it there.
@@ -7,6 +8,7 @@ every loss also takes a ``weight`` argument (default 1) for callers that prefer 
 from medsynth.losses.adversarial import LeastSquaresAdversarialLoss, predictions_of
 from medsynth.losses.confidence import ConfidenceMapLoss, half_scale
 from medsynth.losses.feature_matching import FeatureMatchingLoss
+from medsynth.losses.segmentation import VoxelWeightedDiceCELoss
 from medsynth.losses.shape_consistency import ShapeConsistencyLoss
 
 # lambda1 (feature matching), lambda2 (shape consistency), lambda3 (confidence map); the
@@ -24,6 +26,7 @@ __all__ = [
     "FeatureMatchingLoss",
     "LeastSquaresAdversarialLoss",
     "ShapeConsistencyLoss",
+    "VoxelWeightedDiceCELoss",
     "half_scale",
     "predictions_of",
 ]

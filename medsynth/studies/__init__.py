@@ -9,7 +9,7 @@ from medsynth.studies.aggregate import (
     study_table,
     write_report,
 )
-from medsynth.studies.runner import Cell, StudySpec, expand_cells, run_study
+from medsynth.studies.runner import Cell, StudySpec, expand_cells, run_study, score_cohort
 
 __all__ = [
     "Cell",
@@ -19,6 +19,7 @@ __all__ = [
     "expand_cells",
     "paired_difference",
     "run_study",
+    "score_cohort",
     "study_table",
     "write_report",
 ]

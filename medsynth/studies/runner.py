@@ -11,7 +11,8 @@ A study file (JSON) lists the arms, the seeds, the segmentation settings and the
       "arms": [
         {"name": "real"},
         {"name": "cg_samr_25", "method": "cg_samr", "percent": 25, "mode": "random"},
-        {"name": "classic_50", "classic": true, "percent": 50}
+        {"name": "classic_50", "classic": true, "percent": 50},
+        {"name": "cg_samr_50_conf", "method": "cg_samr", "percent": 50, "confidence_weighted": true}
       ]
     }
 
@@ -22,6 +23,8 @@ lesion-segmentation bundle per cell, each in ``out_dir/cells/<arm>/seed<k>/``, o
 split; and aggregates (:mod:`.aggregate`) into ``out_dir/report/``. A cell is finished when its
 ``cell.json`` exists: a killed study reruns only the unfinished cells (and those resume from their
 checkpoints). Cells run on Dask workers with ``workers > 1`` or a scheduler address.
+:func:`score_cohort` (``medsynth study STUDY.json --score-cohort DIR``) scores every case of another
+cohort with the finished cells' models and reports it the same way.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +47,7 @@ from medsynth.utils.parallel import start_client
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Cell", "StudySpec", "expand_cells", "run_study"]
+__all__ = ["Cell", "StudySpec", "cell_folder", "cell_overrides", "expand_cells", "run_study", "score_cohort"]
 
 REPO = Path(__file__).resolve().parents[2]
 CELL_RECORD = "cell.json"
@@ -96,6 +100,10 @@ class StudySpec:
             if (method or arm.get("classic")) and ("percent" in arm) == ("multiple" in arm):
                 raise ValueError(
                     f"study {self.name}: arm {arm['name']} needs exactly one of percent or multiple"
+                )
+            if arm.get("confidence_weighted") and not method:
+                raise ValueError(
+                    f"study {self.name}: arm {arm['name']} is confidence-weighted but has no synthesis method"
                 )
         if self.reference_arm not in names:
             raise ValueError(f"study {self.name}: the reference arm {self.reference_arm!r} is not an arm")
@@ -157,35 +165,52 @@ def make_synthetic_cohort(spec: StudySpec, method: str, seed: int) -> str:
     return str(out)
 
 
-def run_cell(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict[str, Any]:
-    """Train and evaluate the segmentation bundle for ``cell`` (or read back its finished record)."""
-    from monai.bundle import run
+def cell_folder(spec: StudySpec, cell: Cell) -> Path:
+    """``out_dir/cells/<arm>/seed<k>``: the cell's training run."""
+    return Path(spec.out_dir) / "cells" / cell.arm["name"] / f"seed{cell.seed}"
 
-    folder = Path(spec.out_dir) / "cells" / cell.arm["name"] / f"seed{cell.seed}"
-    record_path = folder / CELL_RECORD
-    if record_path.is_file():
-        return json.loads(record_path.read_text())
-    start = time.perf_counter()
-    segmentation = spec.segmentation
-    bundle = segmentation.get("bundle", "bundles/lesion_seg")
-    overrides = {
-        "output_dir": str(folder),
+
+def cell_overrides(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict[str, Any]:
+    """The segmentation bundle's settings of ``cell`` (its training and every evaluation of it)."""
+    overrides: dict[str, Any] = {
+        "output_dir": str(cell_folder(spec, cell)),
         "dataset_dir": spec.dataset_dir,
         "cache_dir": spec.cache_dir,
         "seed": cell.seed,
         "split_seed": spec.split_seed,
-        **segmentation.get("overrides", {}),
+        **spec.segmentation.get("overrides", {}),
     }
     if synthetic_dir:
         overrides["synthetic_dir"] = synthetic_dir
     if cell.arm.get("classic"):
         overrides["classic_augmentation"] = True
+    if cell.arm.get("confidence_weighted"):
+        overrides["confidence_weighting"] = True
     if "percent" in cell.arm:
         overrides["synthetic_percent"] = float(cell.arm["percent"])
     if "multiple" in cell.arm:
         overrides["synthetic_multiple"] = float(cell.arm["multiple"])
     overrides["mixing_mode"] = cell.arm.get("mode", "random")
-    meta = str(REPO / bundle / "configs" / "metadata.json")
+    return overrides
+
+
+def _segmentation_bundle(spec: StudySpec) -> tuple[str, str]:
+    """The segmentation bundle folder and its metadata file."""
+    bundle = spec.segmentation.get("bundle", "bundles/lesion_seg")
+    return bundle, str(REPO / bundle / "configs" / "metadata.json")
+
+
+def run_cell(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict[str, Any]:
+    """Train and evaluate the segmentation bundle for ``cell`` (or read back its finished record)."""
+    from monai.bundle import run
+
+    folder = cell_folder(spec, cell)
+    record_path = folder / CELL_RECORD
+    if record_path.is_file():
+        return json.loads(record_path.read_text())
+    start = time.perf_counter()
+    bundle, meta = _segmentation_bundle(spec)
+    overrides = cell_overrides(spec, cell, synthetic_dir)
     run(config_file=_bundle_files(bundle, "train"), meta_file=meta, **overrides)
     run(config_file=_bundle_files(bundle, "evaluate"), meta_file=meta, **overrides)
     record = {
@@ -194,12 +219,61 @@ def run_cell(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict[str, 
         "method": cell.arm.get("method") or ("classic" if cell.arm.get("classic") else "none"),
         "amount": cell.amount,
         "mode": overrides["mixing_mode"],
+        "confidence_weighted": bool(cell.arm.get("confidence_weighted", False)),
         "synthetic_dir": synthetic_dir,
         "cases_csv": str(folder / "eval" / "segmentation_test_cases.csv"),
         "seconds": round(time.perf_counter() - start, 1),
     }
     save_json(record, record_path)
     return record
+
+
+def score_cohort(
+    study_file: str | os.PathLike,
+    dataset_dir: str,
+    cells: Sequence[str] | None = None,
+    out_dir: str | None = None,
+    progress: bool = True,
+) -> Path:
+    """Score every case of the cohort ``dataset_dir`` with the models of the study's finished cells
+    (``cells``: names such as ``real/seed0``; default all), as the external evaluation of the synthesis
+    models does: each cell's rows go to ``<cell>/eval_<cohort>/``, the study's table, intervals and
+    page to ``out_dir/report_<cohort>/``. Cells already scored are read back."""
+    from monai.bundle import run
+
+    from medsynth.studies.aggregate import collect_cases, study_table, write_report
+
+    spec = StudySpec.read(study_file)
+    if out_dir:
+        spec.out_dir = out_dir
+    cohort = Path(dataset_dir).name or "phantom"
+    chosen = [cell for cell in expand_cells(spec) if cells is None or cell.name in set(cells)]
+    unknown = sorted(set(cells or ()) - {cell.name for cell in chosen})
+    if unknown:
+        raise ValueError(f"study {spec.name}: no cell(s) {unknown}; cells are named like 'real/seed0'")
+    bundle, meta = _segmentation_bundle(spec)
+    records = []
+    for cell in tqdm(chosen, desc=f"scoring {cohort}", disable=not progress):
+        record_path = cell_folder(spec, cell) / CELL_RECORD
+        if not record_path.is_file():
+            raise ValueError(f"study {spec.name}: cell {cell.name} has not finished; run the study first")
+        record = json.loads(record_path.read_text())
+        eval_dir = cell_folder(spec, cell) / f"eval_{cohort}"
+        cases = eval_dir / "segmentation_all_cases.csv"
+        if not cases.is_file():
+            overrides = {
+                **cell_overrides(spec, cell, record.get("synthetic_dir", "")),
+                "eval_dataset_dir": dataset_dir,
+                "eval_split": "all",
+                "eval_dir": str(eval_dir),
+            }
+            run(config_file=_bundle_files(bundle, "evaluate"), meta_file=meta, **overrides)
+        records.append({**record, "cases_csv": str(cases)})
+    table = study_table(collect_cases(records), spec.reference_arm)
+    config = {key: getattr(spec, key) for key in spec.__dataclass_fields__}
+    config["scored_cohort"] = dataset_dir
+    title = f"Study {spec.name}: models scored on {dataset_dir}"
+    return write_report(table, Path(spec.out_dir) / f"report_{cohort}", title, config, _versions())
 
 
 def _versions() -> dict[str, str]:

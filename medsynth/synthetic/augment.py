@@ -51,6 +51,7 @@ from medsynth.constants import (
     MANIFEST_LABEL_COLUMN,
     NUM_LABELS,
     atlas_column,
+    confidence_column,
 )
 from medsynth.data.cohort import PREPROCESSING_FINGERPRINT_NAME, preprocessing_fingerprint
 from medsynth.errors import InputDataError
@@ -81,12 +82,6 @@ SUMMARY_NAME = "augment_summary.json"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 PROVENANCE_NAME = "provenance.json"
 GATE_ORDER = ("segmentation", "memorisation", "intensity")
-
-
-def confidence_column(sequence: str) -> str:
-    """Manifest column (and file stem) of a synthetic case's confidence map of ``sequence``
-    (:func:`medsynth.data.manifest.stored_path_columns` lists it)."""
-    return f"confidence_{sequence}"
 
 
 def training_sources(manifest: pd.DataFrame, patients: Sequence[str] | None = None) -> pd.DataFrame:
@@ -150,7 +145,8 @@ class SyntheticCohortBuilder:
         memorisation_threshold: near-copy distance (mean absolute difference in the brain, [-1, 1]).
         memorisation_action: ``"refuse"`` or ``"flag"`` near-copies.
         intensity_margin: widening of the training windows for the intensity gate.
-        volume_margin, min_component_voxels, max_core_exposure: the mask gate's settings.
+        volume_margin, min_component_voxels, max_core_exposure, core_exposure_margin: the mask gate's
+            settings (:class:`medsynth.synthetic.masks.LesionMaskPlausibility`).
         mirror_prob, resize_prob, resize_percent_range, transplant_prob: the manipulation draws.
         source_patients: restrict the sources to these training patients (others are refused).
         max_candidates: candidates tried at most (default ``10 * num_cases``).
@@ -187,6 +183,7 @@ class SyntheticCohortBuilder:
         volume_margin: float = 0.25,
         min_component_voxels: int = 20,
         max_core_exposure: float = 0.5,
+        core_exposure_margin: float = 0.1,
         mirror_prob: float = 0.5,
         resize_prob: float = 0.5,
         resize_percent_range: Sequence[float] = (-50.0, 100.0),
@@ -225,6 +222,7 @@ class SyntheticCohortBuilder:
             "volume_margin": float(volume_margin),
             "min_component_voxels": int(min_component_voxels),
             "max_core_exposure": float(max_core_exposure),
+            "core_exposure_margin": float(core_exposure_margin),
             "mirror_prob": float(mirror_prob),
             "resize_prob": float(resize_prob),
             "resize_percent_range": [float(v) for v in resize_percent_range],
@@ -265,6 +263,7 @@ class SyntheticCohortBuilder:
             LesionVolumeRange.from_label_files(labels, self.settings["volume_margin"]),
             self.settings["min_component_voxels"],
             self.settings["max_core_exposure"],
+            self.settings["core_exposure_margin"],
         )
         volumes = self._training_volumes()
         bank = TrainingSliceBank.from_volumes([(p, image, brain) for p, image, _, brain in volumes])
