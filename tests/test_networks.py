@@ -52,6 +52,14 @@ def test_parameter_counts_match_the_authors_networks():
     assert count(LabelWiseMultiScaleDiscriminator(in_channels=5 + 5 + 15)) == 16_734_342
 
 
+def test_parameter_counts_of_the_ablated_networks():
+    # Counted here and documented in bundles/cg_samr/docs/README.md, "Ablations".
+    assert count(CGSAMRGenerator(5, stretch_out=False)) == 2_844_943
+    assert count(CGSAMRGenerator(5, use_atlas=False)) == 825_511
+    assert count(SAMRGenerator(5, stretch_out=False)) == 3_119_525
+    assert count(LabelWiseMultiScaleDiscriminator(25, label_wise=False)) == 16_734_342 // 3
+
+
 def test_parameter_count_breakdown():
     samr = SAMRGenerator()
     assert count(samr.encoder.mask_encoder) == 27_296 and count(samr.encoder.atlas_encoder) == 35_136

@@ -190,6 +190,18 @@ def test_the_memorisation_gate_refuses_or_flags_a_copy_of_a_training_patient():
     assert flagged.passed and flagged.flagged
     new = MemorisationGate(bank, threshold=0.03)(torch.rand_like(copy) * 2 - 1, label, brain)
     assert new.passed and not new.flagged and new.score > 0.03
+    # Only the slices a manipulation changed are compared: a copied slice outside them is the
+    # source's own anatomy, a copied slice inside them is memorisation.
+    partly = torch.rand_like(copy) * 2 - 1
+    partly[..., 3] = volumes[0][1][..., 3]
+    changed = torch.zeros(brain.shape[-1], dtype=torch.bool)
+    changed[5:7] = True
+    assert MemorisationGate(bank, threshold=0.03)(partly, label, brain, changed).passed
+    changed[3] = True
+    refused = MemorisationGate(bank, threshold=0.03)(partly, label, brain, changed)
+    assert not refused.passed and refused.measures["nearest_patient"] == "p0"
+    nothing = MemorisationGate(bank, threshold=0.03)(copy, label, brain, torch.zeros_like(changed))
+    assert nothing.passed and "no changed" in nothing.detail
     between = bank.between_patients()  # each real slice to the other patient's nearest: never 0 here
     assert between.shape == (len(bank.patients),) and bool((between > 0.03).all())
 

@@ -24,8 +24,9 @@ class SynthesisGANTrainer(AdversarialTrainer):
     ``"generator"``, ``"discriminator"`` and ``"segmenter"``:
 
     1. generator: ``L_GAN + w_fm * L_FM + w_sc * Dice(s, U(G(x))) [+ w_cm * L_CM]``; the U-Net sees
-       ``G(x)`` with gradients flowing back to the generator, and the confidence term is used when
-       the generator returns ``"confidence"`` (CG-SAMR);
+       ``G(x)`` with gradients flowing back to the generator (not at all with ``w_sc = 0``, the
+       "w/o L_SC" ablation, which logs no ``loss_sc``), and the confidence term is used when the
+       generator returns ``"confidence"`` and a confidence loss is given (CG-SAMR);
     2. discriminators (all six in one module): LSGAN on real images vs the detached fake;
     3. U-Net: ``Dice(s, U(y)) + Dice(s, U(G(x).detach()))``.
 
@@ -136,20 +137,25 @@ class SynthesisGANTrainer(AdversarialTrainer):
             outputs = self.generator_call(generator, batch)
             fake = outputs["images"]
             with_fake[self.image_key] = fake
+            # Without L_SC (weight 0, the ablation) the U-Net does not see the generator's output here.
+            with_sc = self.weight_shape_consistency != 0.0
             with self.no_sync("discriminator", "segmenter"):
                 fake_outputs = self.discriminator_call(discriminator, batch, **with_fake)
-                fake_logits = self.segmenter_call(segmenter, batch, **with_fake)
+                fake_logits = self.segmenter_call(segmenter, batch, **with_fake) if with_sc else None
             with torch.no_grad():
                 real_outputs = self.discriminator_call(discriminator, batch)
-                real_logits = self.segmenter_call(segmenter, batch)
+                real_logits = self.segmenter_call(segmenter, batch) if with_sc else None
         fake_outputs, real_outputs = float_features(fake_outputs), float_features(real_outputs)
         loss_g_gan = adversarial.generator_loss(fake_outputs)
         loss_fm = self.losses["feature_matching_loss"](fake_outputs, real_outputs)
-        # Only the synthesised-image term of L_SC depends on the generator; the real-image term
-        # (no gradient here) is included so that the logged value is the papers' L_SC.
-        loss_sc = shape_consistency(real_logits.float(), fake_logits.float(), label)
-        loss_g = loss_g_gan + self.weight_feature_matching * loss_fm + self.weight_shape_consistency * loss_sc
+        loss_g = loss_g_gan + self.weight_feature_matching * loss_fm
         record: dict[str, float] = {}
+        if with_sc:
+            # Only the synthesised-image term of L_SC depends on the generator; the real-image term
+            # (no gradient here) is included so that the logged value is the papers' L_SC.
+            loss_sc = shape_consistency(real_logits.float(), fake_logits.float(), label)
+            loss_g = loss_g + self.weight_shape_consistency * loss_sc
+            record["loss_sc"] = float(loss_sc.detach())
         if confidence_loss is not None and "confidence" in outputs:
             confidence = outputs["confidence"].float()
             lambda_cm = float(confidence_loss.regularizer)  # the value this step uses
@@ -181,7 +187,6 @@ class SynthesisGANTrainer(AdversarialTrainer):
             loss_g=float(loss_g.detach()),
             loss_g_gan=float(loss_g_gan.detach()),
             loss_fm=float(loss_fm.detach()),
-            loss_sc=float(loss_sc.detach()),
             loss_d=float(loss_d.detach()),
             loss_u=float(loss_u.detach()),
             lr=float(self.optimizers["generator"].param_groups[0]["lr"]),

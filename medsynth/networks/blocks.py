@@ -123,16 +123,17 @@ class UpsamplingStep(Convolution):
 
 
 class OutputHead(nn.Sequential):
-    """Image output: reflection pad 3, 7x7 conv to one channel (with bias), tanh (images in [-1, 1]).
+    """Image output: reflection pad 3, 7x7 conv (with bias), tanh (images in [-1, 1]).
 
     Args:
         in_channels: input channels.
+        out_channels: output images (1 per stretch-out branch; N for one shared decoder).
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int = 1) -> None:
         super().__init__(
             nn.ReflectionPad2d(3),
-            Convolution(2, in_channels, 1, kernel_size=7, padding=0, conv_only=True),
+            Convolution(2, in_channels, out_channels, kernel_size=7, padding=0, conv_only=True),
             nn.Tanh(),
         )
 
@@ -141,7 +142,7 @@ class GuidanceModule(nn.Sequential):
     """CG-SAMR synthesis module (SM) or confidence map module (CM), the paper's Fig. 3.
 
     A 1x1 conv to ``hidden_channels``, two 3x3 convs to ``width`` channels, LeakyReLU(0.2) after each
-    of the three, then a 3x3 conv to one channel and the output activation: ``"tanh"`` for SM (the
+    of the three, then a 3x3 conv to ``out_channels`` and the output activation: ``"tanh"`` for SM (the
     intermediate image), ``"sigmoid"`` for CM (the confidence map). No normalisation, all convs with
     bias: the paper's Fig. 3 caption speaks of conv + BN + ReLU blocks, but the authors' code (and
     the published parameter count, 3,213,447) has neither BN nor ReLU here.
@@ -152,9 +153,12 @@ class GuidanceModule(nn.Sequential):
         hidden_channels: output of the 1x1 conv (half the 0.5-scale feature channels).
         width: channels of the two 3x3 convs.
         activation: ``"tanh"`` or ``"sigmoid"``.
+        out_channels: output maps (1 in CG-SAMR; N when one shared decoder makes all sequences).
     """
 
-    def __init__(self, in_channels: int, hidden_channels: int, width: int, activation: str) -> None:
+    def __init__(
+        self, in_channels: int, hidden_channels: int, width: int, activation: str, out_channels: int = 1
+    ) -> None:
         outputs = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
         if activation not in outputs:
             raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(outputs)}")
@@ -164,6 +168,6 @@ class GuidanceModule(nn.Sequential):
             ),
             Convolution(2, hidden_channels, width, kernel_size=3, padding=1, norm=None, act=_LEAKY_RELU),
             Convolution(2, width, width, kernel_size=3, padding=1, norm=None, act=_LEAKY_RELU),
-            Convolution(2, width, 1, kernel_size=3, padding=1, conv_only=True),
+            Convolution(2, width, out_channels, kernel_size=3, padding=1, conv_only=True),
             outputs[activation](),
         )

@@ -19,6 +19,9 @@ from torch import nn
 from medsynth.constants import NUM_LABELS, ROI_LABELS
 from medsynth.networks.blocks import check_norm
 
+# The "w/o Label-wise D" ablation: one region, every label (the discriminator sees the whole image).
+WHOLE_IMAGE_ROI: dict[str, tuple[int, ...]] = {"image": tuple(range(NUM_LABELS))}
+
 __all__ = [
     "LabelWiseDiscriminator",
     "LabelWiseMultiScaleDiscriminator",
@@ -162,15 +165,20 @@ class LabelWiseDiscriminator(nn.Module):
         discriminators: one module per region of ``rois``, in their order, each mapping the masked
             input to a list of per-scale feature lists (e.g. :class:`MultiScalePatchDiscriminator`).
         rois: region name -> label values (default :data:`~medsynth.constants.ROI_LABELS`).
+        use_atlas: condition on the atlas as well (``False`` for generators without one).
     """
 
     def __init__(
-        self, discriminators: dict[str, nn.Module], rois: dict[str, tuple[int, ...]] = ROI_LABELS
+        self,
+        discriminators: dict[str, nn.Module],
+        rois: dict[str, tuple[int, ...]] = ROI_LABELS,
+        use_atlas: bool = True,
     ) -> None:
         super().__init__()
         if list(discriminators) != list(rois):
             raise ValueError(f"need one discriminator per region {list(rois)}; got {list(discriminators)}")
         self.rois = dict(rois)
+        self.use_atlas = bool(use_atlas)
         self.discriminators = nn.ModuleDict(discriminators)
 
     def forward(
@@ -188,7 +196,7 @@ class LabelWiseDiscriminator(nn.Module):
             (background s0, s1, normal brain s0, s1, lesion s0, s1: the papers' D1..D6), the last
             feature being the patch prediction. None of the inputs is modified.
         """
-        x = torch.cat([mask, images, atlas], dim=1)
+        x = torch.cat([mask, images, atlas] if self.use_atlas else [mask, images], dim=1)
         outputs: list[list[torch.Tensor]] = []
         for roi, roi_mask in roi_masks(mask, self.rois).items():
             outputs.extend(self.discriminators[roi](x * roi_mask))
@@ -208,14 +216,19 @@ def _rename_discriminators_of_0_1(state_dict, prefix, *args) -> None:
 class LabelWiseMultiScaleDiscriminator(LabelWiseDiscriminator):
     """The SAMR / CG-SAMR discriminator: three regions (background, normal brain, lesion), each with a
     two-scale :class:`MultiScalePatchDiscriminator`, i.e. six PatchGANs (the papers' D1..D6).
+    ``label_wise=False`` (the papers' "w/o Label-wise D" ablation) keeps one two-scale
+    discriminator on the whole image.
 
     Args:
-        in_channels: channels of ``cat([mask, images, atlas])``: ``5 + N + 3N`` (25 for 5 sequences).
+        in_channels: channels of ``cat([mask, images, atlas])``: ``5 + N + 3N`` (25 for 5 sequences);
+            ``5 + N`` without the atlas.
         base_filters: filters of each PatchGAN's first convolution.
         num_layers: stride-2 convolutions per PatchGAN.
         max_filters: upper bound on the filters.
         norm: ``"batch"`` or ``"instance"``.
         num_scales: scales per region (2 in the papers).
+        label_wise: one discriminator per region; otherwise one for the whole image.
+        use_atlas: condition on the atlas (see :class:`LabelWiseDiscriminator`).
     """
 
     def __init__(
@@ -226,14 +239,19 @@ class LabelWiseMultiScaleDiscriminator(LabelWiseDiscriminator):
         max_filters: int = 512,
         norm: str = "batch",
         num_scales: int = 2,
+        label_wise: bool = True,
+        use_atlas: bool = True,
     ) -> None:
+        rois = ROI_LABELS if label_wise else WHOLE_IMAGE_ROI
         super().__init__(
             {
                 roi: MultiScalePatchDiscriminator(
                     in_channels, num_scales, base_filters, num_layers, max_filters, norm
                 )
-                for roi in ROI_LABELS
-            }
+                for roi in rois
+            },
+            rois,
+            use_atlas,
         )
         self.in_channels = in_channels
         self._register_load_state_dict_pre_hook(_rename_discriminators_of_0_1)

@@ -44,7 +44,8 @@ class DualEncoder(nn.Module):
 
     ``forward(mask, atlas)`` checks the inputs and returns ``cat([E_mask(mask), E_atlas(atlas)])``:
     ``out_channels = 2 * base_width * 2 ** num_downsampling`` channels at ``1 / size_multiple`` of
-    the input size.
+    the input size. Without the atlas (``use_atlas=False``, the papers' "w/o Atlas" ablation) only
+    the mask encoder is built and the atlas input is ignored: half the channels.
 
     Args:
         mask_channels: channels of the one-hot lesion mask.
@@ -52,6 +53,7 @@ class DualEncoder(nn.Module):
         base_width: channels after each encoder's first convolution.
         num_downsampling: stride-2 steps in each encoder (inputs must be divisible by ``2 ** steps``).
         norm: ``"batch"`` or ``"instance"``.
+        use_atlas: encode the atlas.
     """
 
     def __init__(
@@ -61,6 +63,7 @@ class DualEncoder(nn.Module):
         base_width: int = 16,
         num_downsampling: int = 2,
         norm: str = "batch",
+        use_atlas: bool = True,
     ) -> None:
         super().__init__()
         if mask_channels < 1 or atlas_channels < 1:
@@ -69,14 +72,19 @@ class DualEncoder(nn.Module):
             )
         self.mask_channels = mask_channels
         self.atlas_channels = atlas_channels
+        self.use_atlas = bool(use_atlas)
         self.size_multiple = 2**num_downsampling
         self.mask_encoder = ConvEncoder(mask_channels, base_width, num_downsampling, norm)
-        self.atlas_encoder = ConvEncoder(atlas_channels, base_width, num_downsampling, norm)
-        self.out_channels = self.mask_encoder.out_channels + self.atlas_encoder.out_channels
+        self.atlas_encoder = (
+            ConvEncoder(atlas_channels, base_width, num_downsampling, norm) if self.use_atlas else None
+        )
+        self.out_channels = self.mask_encoder.out_channels * (2 if self.use_atlas else 1)
 
     def forward(self, mask: torch.Tensor, atlas: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_tracing():  # shape checks would be frozen into a trace as constants
             self._check_inputs(mask, atlas)
+        if self.atlas_encoder is None:
+            return self.mask_encoder(mask)
         return torch.cat([self.mask_encoder(mask), self.atlas_encoder(atlas)], dim=1)
 
     def _check_inputs(self, mask: torch.Tensor, atlas: torch.Tensor) -> None:
@@ -112,19 +120,29 @@ class ResidualTrunk(nn.Sequential):
         super().__init__(*[ResidualBlock(channels, norm) for _ in range(num_blocks)])
 
 
+def branch_layout(num_outputs: int, stretch_out: bool) -> list[int]:
+    """Images per decoder branch: one branch per image (stretch-out), or one shared branch making
+    them all (the papers' "w/o Stretch-out" ablation)."""
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1; got {num_outputs}")
+    return [1] * num_outputs if stretch_out else [num_outputs]
+
+
 class StretchOutDecoder(nn.Module):
     """One decoder branch per output image, all reading the same latent map (SAMR Fig. 1).
 
     Each branch is an optional residual block, ``num_upsampling`` :class:`UpsamplingStep` halving
     the width each time, and a 7x7 :class:`OutputHead` with tanh. ``forward(latent)`` returns the
-    branch outputs stacked as channels ``(B, num_outputs, H, W)``, in branch order.
+    branch outputs stacked as channels ``(B, num_outputs, H, W)``, in branch order. With
+    ``stretch_out=False`` one such branch makes all images (the ablation).
 
     Args:
         in_channels: channels of the latent map.
-        num_outputs: number of branches (one per sequence).
+        num_outputs: number of images (one per sequence).
         num_upsampling: stride-2 up-sampling steps per branch.
         norm: ``"batch"`` or ``"instance"``.
         branch_residual_block: start each branch with a residual block (SAMR's decoder does).
+        stretch_out: one branch per image.
     """
 
     def __init__(
@@ -134,19 +152,18 @@ class StretchOutDecoder(nn.Module):
         num_upsampling: int = 2,
         norm: str = "batch",
         branch_residual_block: bool = True,
+        stretch_out: bool = True,
     ) -> None:
         super().__init__()
         norm = check_norm(norm)
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs must be >= 1; got {num_outputs}")
         branches = []
-        for _ in range(num_outputs):
+        for images in branch_layout(num_outputs, stretch_out):
             layers: list[nn.Module] = [ResidualBlock(in_channels, norm)] if branch_residual_block else []
             width = in_channels
             for _ in range(num_upsampling):
                 layers.append(UpsamplingStep(width, width // 2, norm))
                 width //= 2
-            layers.append(OutputHead(width))
+            layers.append(OutputHead(width, images))
             branches.append(nn.Sequential(*layers))
         self.branches = nn.ModuleList(branches)
 
@@ -157,7 +174,7 @@ class StretchOutDecoder(nn.Module):
 class _GuidedBranch(nn.Module):
     """One confidence-guided branch: up to 0.5 scale, then (features + guided intermediate) to full scale."""
 
-    def __init__(self, in_channels: int, num_upsampling: int, norm: str) -> None:
+    def __init__(self, in_channels: int, num_upsampling: int, norm: str, num_images: int = 1) -> None:
         super().__init__()
         width = in_channels
         coarse: list[nn.Module] = []
@@ -165,10 +182,11 @@ class _GuidedBranch(nn.Module):
             coarse.append(UpsamplingStep(width, width // 2, norm))
             width //= 2
         self.half_scale_channels = width
+        self.num_images = num_images
         self.to_half_scale = nn.Sequential(*coarse)
-        # One extra input channel: the confidence-masked intermediate image.
+        # One extra input channel per image: the confidence-masked intermediate images.
         self.to_full_scale = nn.Sequential(
-            UpsamplingStep(width + 1, width // 2, norm), OutputHead(width // 2)
+            UpsamplingStep(width + num_images, width // 2, norm), OutputHead(width // 2, num_images)
         )
 
 
@@ -192,6 +210,8 @@ class ConfidenceGuidedDecoder(nn.Module):
         num_upsampling: stride-2 up-sampling steps per branch (at least 1: guidance is at 0.5 scale).
         guidance_width: channels of the guidance modules' 3x3 convolutions (the generator's base width).
         norm: ``"batch"`` or ``"instance"``.
+        stretch_out: one branch per sequence; ``False`` (the "w/o Stretch-out" ablation): one
+            branch makes all N images, its guidance modules N intermediate images and confidences.
     """
 
     def __init__(
@@ -201,6 +221,7 @@ class ConfidenceGuidedDecoder(nn.Module):
         num_upsampling: int = 2,
         guidance_width: int = 16,
         norm: str = "batch",
+        stretch_out: bool = True,
     ) -> None:
         super().__init__()
         norm = check_norm(norm)
@@ -209,14 +230,13 @@ class ConfidenceGuidedDecoder(nn.Module):
                 f"confidence guidance needs num_upsampling >= 1 (it guides at 0.5 scale); got "
                 f"{num_upsampling}"
             )
-        if num_outputs < 1:
-            raise ValueError(f"num_outputs must be >= 1; got {num_outputs}")
+        layout = branch_layout(num_outputs, stretch_out)
         self.branches = nn.ModuleList(
-            [_GuidedBranch(in_channels, num_upsampling, norm) for _ in range(num_outputs)]
+            [_GuidedBranch(in_channels, num_upsampling, norm, images) for images in layout]
         )
-        half = self.branches[0].half_scale_channels
-        self.synthesis = GuidanceModule(half, half // 2, guidance_width, "tanh")
-        self.confidence = GuidanceModule(half + 1, half // 2, guidance_width, "sigmoid")
+        half, images = self.branches[0].half_scale_channels, layout[0]
+        self.synthesis = GuidanceModule(half, half // 2, guidance_width, "tanh", images)
+        self.confidence = GuidanceModule(half + images, half // 2, guidance_width, "sigmoid", images)
 
     def forward(self, latent: torch.Tensor) -> dict[str, torch.Tensor]:
         """``"images"`` (B, N, H, W) in [-1, 1], ``"intermediate"`` (B, N, H/2, W/2) in [-1, 1] and

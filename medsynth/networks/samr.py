@@ -61,6 +61,9 @@ class _SAMRFamilyGenerator(nn.Module):
         num_downsampling: stride-2 steps in each encoder (inputs must be divisible by ``2 ** steps``).
         num_res_blocks: residual blocks of the trunk.
         norm: ``"batch"`` or ``"instance"``.
+        use_atlas: encode the atlas (``False``: the papers' "w/o Atlas" ablation, mask encoder only).
+        stretch_out: one decoder branch per sequence (``False``: the "w/o Stretch-out" ablation,
+            one shared branch makes all sequences).
     """
 
     def __init__(
@@ -72,6 +75,8 @@ class _SAMRFamilyGenerator(nn.Module):
         num_downsampling: int = 2,
         num_res_blocks: int = 9,
         norm: str = "batch",
+        use_atlas: bool = True,
+        stretch_out: bool = True,
     ) -> None:
         super().__init__()
         check_norm(norm)
@@ -80,16 +85,24 @@ class _SAMRFamilyGenerator(nn.Module):
         if num_sequences < 1:
             raise ValueError(f"num_sequences must be >= 1; got {num_sequences}")
         self.num_sequences = num_sequences
-        self.encoder = DualEncoder(mask_channels, atlas_channels, base_width, num_downsampling, norm)
+        self.encoder = DualEncoder(
+            mask_channels, atlas_channels, base_width, num_downsampling, norm, use_atlas
+        )
         self.trunk = ResidualTrunk(self.encoder.out_channels, num_res_blocks, norm)
         self.decoder = self.build_decoder(
-            self.encoder.out_channels, num_sequences, num_downsampling, base_width, norm
+            self.encoder.out_channels, num_sequences, num_downsampling, base_width, norm, stretch_out
         )
         self._register_load_state_dict_pre_hook(_rename_parameters_of_0_1)
         self.apply(normal_init)
 
     def build_decoder(
-        self, latent_channels: int, num_sequences: int, num_upsampling: int, base_width: int, norm: str
+        self,
+        latent_channels: int,
+        num_sequences: int,
+        num_upsampling: int,
+        base_width: int,
+        norm: str,
+        stretch_out: bool = True,
     ) -> nn.Module:
         """The decoder from the latent map to the images; subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} must implement build_decoder")
@@ -117,9 +130,17 @@ class SAMRGenerator(_SAMRFamilyGenerator):
     """
 
     def build_decoder(
-        self, latent_channels: int, num_sequences: int, num_upsampling: int, base_width: int, norm: str
+        self,
+        latent_channels: int,
+        num_sequences: int,
+        num_upsampling: int,
+        base_width: int,
+        norm: str,
+        stretch_out: bool = True,
     ) -> nn.Module:
-        return StretchOutDecoder(latent_channels, num_sequences, num_upsampling, norm)
+        return StretchOutDecoder(
+            latent_channels, num_sequences, num_upsampling, norm, stretch_out=stretch_out
+        )
 
     def forward(self, mask: torch.Tensor, atlas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Synthesise the images.
@@ -144,13 +165,21 @@ class CGSAMRGenerator(_SAMRFamilyGenerator):
     """
 
     def build_decoder(
-        self, latent_channels: int, num_sequences: int, num_upsampling: int, base_width: int, norm: str
+        self,
+        latent_channels: int,
+        num_sequences: int,
+        num_upsampling: int,
+        base_width: int,
+        norm: str,
+        stretch_out: bool = True,
     ) -> nn.Module:
         if num_upsampling < 1:
             raise ValueError(
                 f"CG-SAMR needs num_downsampling >= 1 (it guides at 0.5 scale); got {num_upsampling}"
             )
-        return ConfidenceGuidedDecoder(latent_channels, num_sequences, num_upsampling, base_width, norm)
+        return ConfidenceGuidedDecoder(
+            latent_channels, num_sequences, num_upsampling, base_width, norm, stretch_out
+        )
 
     def forward(self, mask: torch.Tensor, atlas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Synthesise the images with confidence guidance.

@@ -205,6 +205,7 @@ class SyntheticCohortBuilder:
             raise ValueError(f"num_cases must be at least 1, got {num_cases}")
         self.sequences = list(sequences)
         self.sources = training_sources(manifest, source_patients)
+        self._source_grids: dict[str, torch.Tensor] = {}
         self.network, self.preprocessing, self.inferer = network, preprocessing, inferer
         self.output_dir = Path(output_dir)
         self.num_cases, self.seed = int(num_cases), int(seed)
@@ -338,6 +339,15 @@ class SyntheticCohortBuilder:
             item[sequence] = row[sequence]
         return item
 
+    def _source_grid_label(self, row: pd.Series) -> torch.Tensor:
+        """The source patient's own label map on the network's grid (cached per source), against
+        which the memorisation gate finds the slices a manipulation changed."""
+        source = str(row["patient_id"])
+        if source not in self._source_grids:
+            data = self.preprocessing(self._item(source, row, str(row[MANIFEST_LABEL_COLUMN])))
+            self._source_grids[source] = _tensor(data["image"][:NUM_LABELS]).argmax(dim=0)
+        return self._source_grids[source]
+
     def candidate(self, index: int) -> dict[str, Any]:
         """Make (or read back) candidate ``index``; returns its state record."""
         state_path = self._state_path(index)
@@ -405,9 +415,10 @@ class SyntheticCohortBuilder:
         confidence = _tensor(prediction[n : 2 * n]) if prediction.shape[0] >= 2 * n else None
         grid_label = _tensor(inputs[:NUM_LABELS]).argmax(dim=0)
         gates: dict[str, GateResult] = {}
-        for name in ("segmentation", "memorisation"):
-            if name in self.gates:
-                gates[name] = self.gates[name](images, grid_label, grid_label > 0)
+        if "segmentation" in self.gates:
+            gates["segmentation"] = self.gates["segmentation"](images, grid_label, grid_label > 0)
+        changed = (grid_label != self._source_grid_label(row)).flatten(0, 1).any(dim=0)
+        gates["memorisation"] = self.gates["memorisation"](images, grid_label, grid_label > 0, changed)
         restored = dict(data)
         restored["pred"] = MetaTensor(images)  # Invertd inverts MetaTensors (a plain tensor is skipped)
         keys = ["pred"]
