@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(
     os.environ.get("MEDSYNTH_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
 )
@@ -44,3 +45,21 @@ def _few_threads():
 
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def from_repository_root(monkeypatch):
+    """Run from the repository root, as the bundles' documented commands do (their ``%`` macros
+    name files relative to it); a module asks for it with ``pytest.mark.usefixtures``."""
+    monkeypatch.chdir(REPO)
+
+
+@pytest.fixture(scope="module")
+def tiny_phantom_cache(tmp_path_factory) -> str:
+    """A cache holding the tiny phantom cohort of the bundle tests (3 patients of 40x40x6 voxels),
+    generated once per module so that the bundles reuse it."""
+    from medsynth.data.cohort import resolve_cohort
+
+    path = str(tmp_path_factory.mktemp("cache"))
+    resolve_cohort("", path, phantom_patients=3, phantom_shape=(40, 40, 6), progress=False)
+    return path

@@ -10,9 +10,10 @@ import pytest
 import torch
 from monai.bundle import ConfigParser, run
 
-from medsynth.data.cohort import resolve_cohort
-
-pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:parsing config_file"),
+    pytest.mark.usefixtures("from_repository_root"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cg_samr" / "configs"
@@ -31,18 +32,6 @@ TINY = {
     "val_interval": 1,
     "sample_interval": 1,
 }
-
-
-@pytest.fixture(autouse=True)
-def _from_the_repository_root(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("cache"))
-    resolve_cohort("", path, phantom_patients=3, phantom_shape=(40, 40, 6), progress=False)
-    return path
 
 
 def _parser(ablation: str | None, cache_dir: str, out: Path) -> ConfigParser:
@@ -65,14 +54,14 @@ def _step_record(parser: ConfigParser) -> dict[str, float]:
     return trainer.train_step(batch)
 
 
-def test_every_ablation_switch_changes_the_model_or_the_loss(tmp_path, cache_dir):
-    base = _parser(None, cache_dir, tmp_path / "base")
+def test_every_ablation_switch_changes_the_model_or_the_loss(tmp_path, tiny_phantom_cache):
+    base = _parser(None, tiny_phantom_cache, tmp_path / "base")
     generator, discriminator = base.get_parsed_content("generator"), base.get_parsed_content("discriminator")
     base_record = _step_record(base)
     assert {"loss_sc", "loss_cm"} <= set(base_record)
     num_sequences = base.get_parsed_content("num_sequences")
 
-    ablated = {name: _parser(name, cache_dir, tmp_path / name) for name in ABLATIONS}
+    ablated = {name: _parser(name, tiny_phantom_cache, tmp_path / name) for name in ABLATIONS}
     for name, parser in ablated.items():
         assert parser.get_parsed_content("output_dir") == str(tmp_path / name)  # the command line wins
         assert parser["output_dir"] == str(tmp_path / name)
@@ -101,10 +90,10 @@ def test_every_ablation_switch_changes_the_model_or_the_loss(tmp_path, cache_dir
         assert {"loss_sc", "loss_cm"} <= set(_step_record(ablated[name]))
 
 
-def test_an_ablated_model_trains_and_synthesises_through_the_bundle_workflows(tmp_path, cache_dir):
+def test_an_ablated_model_trains_and_synthesises_through_the_bundle_workflows(tmp_path, tiny_phantom_cache):
     ablation = str(CONFIGS / "ablations" / "no_atlas.json")
     out = tmp_path / "no_atlas"
-    common = {"output_dir": str(out), "cache_dir": cache_dir}
+    common = {"output_dir": str(out), "cache_dir": tiny_phantom_cache}
     run(config_file=[str(CONFIGS / "train.json"), ablation], **common, **TINY)
     assert (out / "models" / "model.pt").is_file()
     inference = {

@@ -20,7 +20,10 @@ from monai.bundle import ckpt_export, run, verify_net_in_out
 from medsynth.metrics import BRAIN_COLUMNS
 from medsynth.utils.bundles import WORKFLOWS, bundle_config_files
 
-pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:parsing config_file"),
+    pytest.mark.usefixtures("from_repository_root"),
+]
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_DATA = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32}
@@ -60,17 +63,10 @@ def test_workflow_config_lists_of_a_base_and_a_derived_bundle():
         bundle_config_files(REPO / "docs")
 
 
-@pytest.fixture(autouse=True)
-def _from_the_repository_root(monkeypatch):
-    monkeypatch.chdir(REPO)
-
-
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory) -> str:
-    """A cache with the tiny phantom cohort already generated (the bundles reuse it)."""
-    path = str(tmp_path_factory.mktemp("cache"))
-    _manifest(path)
-    return path
+def cache_dir(tiny_phantom_cache) -> str:
+    """The tiny phantom cohort's cache (conftest), under this module's usual name."""
+    return tiny_phantom_cache
 
 
 def _train_evaluate_infer(bundle: str, out: Path, cache_dir: str, **inference_overrides) -> Path:

@@ -16,6 +16,7 @@ from medsynth.engines.handlers import (
     latest_checkpoint,
     table_summary,
 )
+from medsynth.engines.pix2pix import Pix2PixTrainer
 from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
@@ -33,6 +34,7 @@ __all__ = [
     "CheckpointPruner",
     "MetricsTableWriter",
     "LesionSegmentationMetric",
+    "Pix2PixTrainer",
     "PrepareBatchWithWeights",
     "ModelAtlasSaver",
     "PeriodicValidationHandler",

@@ -5,7 +5,12 @@ The papers' weights of the generator objective (CG-SAMR eq. 6) are in :data:`PAP
 every loss also takes a ``weight`` argument (default 1) for callers that prefer to set it there.
 """
 
-from medsynth.losses.adversarial import LeastSquaresAdversarialLoss, predictions_of
+from medsynth.losses.adversarial import (
+    AdversarialLoss,
+    LeastSquaresAdversarialLoss,
+    VanillaAdversarialLoss,
+    predictions_of,
+)
 from medsynth.losses.confidence import ConfidenceMapLoss, half_scale
 from medsynth.losses.feature_matching import FeatureMatchingLoss
 from medsynth.losses.segmentation import VoxelWeightedDiceCELoss
@@ -22,10 +27,12 @@ PAPER_LOSS_WEIGHTS: dict[str, float] = {
 
 __all__ = [
     "PAPER_LOSS_WEIGHTS",
+    "AdversarialLoss",
     "ConfidenceMapLoss",
     "FeatureMatchingLoss",
     "LeastSquaresAdversarialLoss",
     "ShapeConsistencyLoss",
+    "VanillaAdversarialLoss",
     "VoxelWeightedDiceCELoss",
     "half_scale",
     "predictions_of",

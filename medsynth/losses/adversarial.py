@@ -1,4 +1,5 @@
-"""Least-squares adversarial loss over a list of discriminators (LSGAN, pix2pixHD ``use_lsgan``)."""
+"""Adversarial losses over a list of discriminators: least squares (LSGAN, pix2pixHD ``use_lsgan``,
+SAMR / CG-SAMR) and the vanilla cross-entropy GAN loss (pix2pix)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from monai.losses import PatchAdversarialLoss
 from torch import nn
 
-__all__ = ["LeastSquaresAdversarialLoss", "predictions_of"]
+__all__ = ["AdversarialLoss", "LeastSquaresAdversarialLoss", "VanillaAdversarialLoss", "predictions_of"]
 
 
 def predictions_of(
@@ -26,29 +27,32 @@ def predictions_of(
     return [out if isinstance(out, torch.Tensor) else out[-1] for out in discriminator_outputs]
 
 
-class LeastSquaresAdversarialLoss(nn.Module):
-    """LSGAN loss (Mao et al. 2017), the ``use_lsgan`` form of pix2pixHD and the authors' code.
+class AdversarialLoss(nn.Module):
+    """A GAN loss summed over discriminators, the papers' ``L_GAN(G, D) = sum_k L_GAN(G, D_k)``.
 
-    For each discriminator ``k`` with patch prediction ``p_k``: ``mean((p_k - t) ** 2)`` with
-    target ``t = 1`` (real) or ``0`` (fake), summed over the discriminators as in the papers'
-    ``L_GAN(G, D) = sum_k L_GAN(G, D_k)``. The per-discriminator mean squared error is MONAI's
-    ``PatchAdversarialLoss`` with the least-squares criterion and no output activation.
+    For each discriminator ``k`` with patch prediction ``p_k`` and target ``t = 1`` (real) or ``0``
+    (fake), MONAI's ``PatchAdversarialLoss`` with ``criterion``: ``"least_squares"`` gives
+    ``mean((p_k - t) ** 2)``, ``"bce"`` the binary cross-entropy of ``sigmoid(p_k)``.
 
-    * :meth:`generator_loss` ``= sum_k mean((p_k(fake) - 1) ** 2)``
-    * :meth:`discriminator_loss` ``= 0.5 * sum_k [mean((p_k(real) - 1) ** 2) + mean(p_k(fake) ** 2)]``
-      (the 0.5 of pix2pixHD, which halves the discriminator's step relative to the generator's).
+    * :meth:`generator_loss` ``= sum_k loss(p_k(fake), 1)``
+    * :meth:`discriminator_loss` ``= 0.5 * sum_k [loss(p_k(real), 1) + loss(p_k(fake), 0)]``
+      (the 0.5 of pix2pix and pix2pixHD, which halves the discriminator's step relative to the
+      generator's).
+
+    Args:
+        criterion: ``"least_squares"`` or ``"bce"``.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, criterion: str = "least_squares") -> None:
         super().__init__()
         self.criterion = PatchAdversarialLoss(
-            reduction="mean", criterion="least_squares", no_activation_leastsq=True
+            reduction="mean", criterion=criterion, no_activation_leastsq=True
         )
 
     def forward(
         self, discriminator_outputs: Sequence[Sequence[torch.Tensor] | torch.Tensor], target_is_real: bool
     ) -> torch.Tensor:
-        """Sum over discriminators of the mean squared distance of their predictions to the target.
+        """Sum over discriminators of the criterion between their predictions and the target.
 
         Args:
             discriminator_outputs: see :func:`predictions_of`.
@@ -72,3 +76,17 @@ class LeastSquaresAdversarialLoss(nn.Module):
     ) -> torch.Tensor:
         """Discriminator form: real read as 1, synthesised (computed from detached images) as 0."""
         return 0.5 * (self(real_outputs, target_is_real=True) + self(fake_outputs, target_is_real=False))
+
+
+class LeastSquaresAdversarialLoss(AdversarialLoss):
+    """LSGAN loss (Mao et al. 2017), the ``use_lsgan`` form of pix2pixHD and the SAMR authors' code."""
+
+    def __init__(self) -> None:
+        super().__init__("least_squares")
+
+
+class VanillaAdversarialLoss(AdversarialLoss):
+    """The cross-entropy GAN loss of pix2pix (``gan_mode vanilla``): sigmoid of the patch logits."""
+
+    def __init__(self) -> None:
+        super().__init__("bce")

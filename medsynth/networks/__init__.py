@@ -6,6 +6,7 @@
   decoders) and the one-tensor inference wrapper;
 * :mod:`.discriminators`: PatchGAN, multi-scale PatchGAN, label-wise ROI wrapper;
 * :mod:`.samr`: the SAMR and CG-SAMR generators;
+* :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN (the papers' paired baseline);
 * :mod:`.segmentation`: the lesion U-Net.
 """
 
@@ -18,6 +19,7 @@ from medsynth.networks.blocks import (
     UpsamplingStep,
 )
 from medsynth.networks.discriminators import (
+    ConditionalDiscriminator,
     LabelWiseDiscriminator,
     LabelWiseMultiScaleDiscriminator,
     MultiScalePatchDiscriminator,
@@ -31,12 +33,14 @@ from medsynth.networks.parts import (
     StretchOutDecoder,
     SynthesisInferenceNetwork,
 )
+from medsynth.networks.pix2pix import Pix2PixGenerator, UNetSkipGenerator, pix2pix_patch_discriminator
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
 
 __all__ = [
     "NORM_TYPES",
     "CGSAMRGenerator",
+    "ConditionalDiscriminator",
     "ConfidenceGuidedDecoder",
     "ConvEncoder",
     "DualEncoder",
@@ -46,12 +50,15 @@ __all__ = [
     "MultiScalePatchDiscriminator",
     "OutputHead",
     "PatchGANDiscriminator",
+    "Pix2PixGenerator",
     "ResidualBlock",
     "ResidualTrunk",
     "SAMRGenerator",
     "StretchOutDecoder",
     "SynthesisInferenceNetwork",
+    "UNetSkipGenerator",
     "UpsamplingStep",
     "make_lesion_unet",
+    "pix2pix_patch_discriminator",
     "roi_masks",
 ]

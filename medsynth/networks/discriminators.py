@@ -23,6 +23,7 @@ from medsynth.networks.blocks import check_norm
 WHOLE_IMAGE_ROI: dict[str, tuple[int, ...]] = {"image": tuple(range(NUM_LABELS))}
 
 __all__ = [
+    "ConditionalDiscriminator",
     "LabelWiseDiscriminator",
     "LabelWiseMultiScaleDiscriminator",
     "MultiScalePatchDiscriminator",
@@ -65,6 +66,9 @@ class PatchGANDiscriminator(nn.Sequential):
         num_layers: number of stride-2 convolutions.
         max_filters: upper bound on the filters of any layer.
         norm: ``"batch"`` or ``"instance"``.
+        padding: of every 4x4 convolution (2 in pix2pixHD, 1 in pix2pix).
+        bias_with_norm: convolutions followed by normalisation have a bias (pix2pixHD; pix2pix
+            drops it before batch norm).
     """
 
     def __init__(
@@ -74,6 +78,8 @@ class PatchGANDiscriminator(nn.Sequential):
         num_layers: int = 3,
         max_filters: int = 512,
         norm: str = "batch",
+        padding: int = 2,
+        bias_with_norm: bool = True,
     ) -> None:
         norm = check_norm(norm)
         if in_channels < 1 or base_filters < 1 or num_layers < 1 or max_filters < 1:
@@ -84,7 +90,7 @@ class PatchGANDiscriminator(nn.Sequential):
         filters = min(base_filters, max_filters)
         layers: list[nn.Module] = [
             Convolution(
-                2, in_channels, filters, strides=2, kernel_size=4, padding=2, norm=None, act=_LEAKY_RELU
+                2, in_channels, filters, strides=2, kernel_size=4, padding=padding, norm=None, act=_LEAKY_RELU
             )
         ]
         for index in range(1, num_layers + 1):
@@ -92,10 +98,18 @@ class PatchGANDiscriminator(nn.Sequential):
             stride = 2 if index < num_layers else 1
             layers.append(
                 Convolution(
-                    2, previous, filters, strides=stride, kernel_size=4, padding=2, norm=norm, act=_LEAKY_RELU
+                    2,
+                    previous,
+                    filters,
+                    strides=stride,
+                    kernel_size=4,
+                    padding=padding,
+                    norm=norm,
+                    act=_LEAKY_RELU,
+                    bias=bias_with_norm,
                 )
             )
-        layers.append(Convolution(2, filters, 1, strides=1, kernel_size=4, padding=2, conv_only=True))
+        layers.append(Convolution(2, filters, 1, strides=1, kernel_size=4, padding=padding, conv_only=True))
         super().__init__(*layers)
         self.apply(normal_init)
 
@@ -255,3 +269,22 @@ class LabelWiseMultiScaleDiscriminator(LabelWiseDiscriminator):
         )
         self.in_channels = in_channels
         self._register_load_state_dict_pre_hook(_rename_discriminators_of_0_1)
+
+
+class ConditionalDiscriminator(nn.Module):
+    """A conditional GAN's discriminator: ``discriminator(cat(inputs))`` for ``forward(*inputs)``
+    (e.g. the lesion mask and the images, pix2pix), as a one-entry list of feature lists, the form
+    the adversarial losses take from several discriminators.
+
+    Args:
+        discriminator: maps the concatenated input to its layer features (a
+            :class:`PatchGANDiscriminator`), or to a list of them (a :class:`MultiScalePatchDiscriminator`).
+    """
+
+    def __init__(self, discriminator: nn.Module) -> None:
+        super().__init__()
+        self.discriminator = discriminator
+
+    def forward(self, *inputs: torch.Tensor) -> list[list[torch.Tensor]]:
+        outputs = self.discriminator(torch.cat(inputs, dim=1))
+        return outputs if outputs and isinstance(outputs[0], (list, tuple)) else [outputs]

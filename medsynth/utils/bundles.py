@@ -8,7 +8,11 @@ and names the base in its ``metadata.json``::
     "derived_from": {"bundle": "../cg_samr", "overrides": "samr.json"}
 
 Its workflows are the base's with the override file inserted after the base's first config, which
-is what its documented commands list (``bundles/README.md``).
+is what its documented commands list (``bundles/README.md``). A derived bundle whose training
+differs from the base's (another trainer, other discriminators: pix2pix) adds
+``"train_overrides": "<name>_train.json"``, inserted next in the workflows built on ``train.json``
+only (MONAI cannot merge ``train#...`` keys into ``inference.json``); and its own copy of one of the
+base's later configs (``paper.json``) replaces the base's.
 """
 
 from __future__ import annotations
@@ -56,7 +60,11 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
         base = bundle / derived["bundle"]
         names = WORKFLOWS[workflow]
         files = [base / "configs" / names[0], bundle / "configs" / derived["overrides"]]
-        files += [base / "configs" / name for name in names[1:]]
+        if names[0] == "train.json" and derived.get("train_overrides"):
+            files.append(bundle / "configs" / derived["train_overrides"])
+        for name in names[1:]:
+            own = bundle / "configs" / name
+            files.append(own if own.is_file() else base / "configs" / name)
     else:
         files = [bundle / "configs" / name for name in WORKFLOWS[workflow]]
     missing = [str(path) for path in files if not path.is_file()]

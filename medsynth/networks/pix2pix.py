@@ -1,0 +1,157 @@
+"""The pix2pix family (Isola et al., CVPR 2017): the U-Net generator with skip connections and the
+70x70 PatchGAN, as the SAMR / CG-SAMR papers' paired baseline.
+
+The papers' comparison feeds the baselines the one-hot lesion mask only (no atlas: that is the
+papers' point), and every sequence is synthesised jointly as output channels.
+
+:class:`UNetSkipGenerator` follows the public implementation's ``unet_256`` layout (the facts of
+the issue): ``num_downs`` levels of 4x4 stride-2 convolutions (LeakyReLU 0.2 before each one but
+the first, normalisation after each one but the first and the innermost), up-sampling by 4x4
+stride-2 transposed convolutions (ReLU before, normalisation after, dropout 0.5 in the innermost
+``num_downs - 5`` levels that are not the innermost), skip connections by concatenation, tanh
+out; filters ``ngf, 2 ngf, 4 ngf, 8 ngf, 8 ngf ...``; biases only where no batch norm follows. With
+``num_downs = 8`` and ``ngf = 64`` it has 54,413,955 parameters for 3 in and 3 out channels and
+54,407,809 for 1 and 1: the public implementation prints 54.414 M and 54.408 M (the latter in its
+issue #1152, with a 2,764,609-parameter "2.765 M" PatchGAN, which
+:func:`pix2pix_patch_discriminator` matches).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.utils import normal_init
+from torch import nn
+
+from medsynth.constants import ATLAS_SLICES_PER_SEQUENCE, CLINICAL_SEQUENCES, NUM_LABELS
+from medsynth.networks.blocks import check_norm
+from medsynth.networks.discriminators import PatchGANDiscriminator
+
+__all__ = ["Pix2PixGenerator", "UNetSkipGenerator", "pix2pix_patch_discriminator"]
+
+_NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}
+
+
+class _SkipLevel(nn.Module):
+    """One level: down, the inner levels, up; returns ``cat([x, up(...)])`` except at the outermost."""
+
+    def __init__(self, down: nn.Module, inner: nn.Module | None, up: nn.Module, outermost: bool) -> None:
+        super().__init__()
+        self.down, self.inner, self.up, self.outermost = down, inner, up, outermost
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.down(x)
+        if self.inner is not None:
+            y = self.inner(y)
+        y = self.up(y)
+        return y if self.outermost else torch.cat([x, y], dim=1)
+
+
+class UNetSkipGenerator(nn.Module):
+    """pix2pix's U-Net generator (see the module docstring); one tensor in, one out.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output images, in [-1, 1].
+        num_downs: down-sampling levels (8 for 256x256 inputs: the bottleneck is 1x1; inputs must be
+            divisible by ``2 ** num_downs``).
+        ngf: filters of the outermost level.
+        norm: ``"batch"`` (pix2pix) or ``"instance"``.
+        dropout: dropout probability of the inner decoder levels (0.5 in pix2pix).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        num_downs: int = 8,
+        ngf: int = 64,
+        norm: str = "batch",
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        norm_type = _NORMS[check_norm(norm)]
+        if num_downs < 5:
+            raise ValueError(f"the pix2pix U-Net needs num_downs >= 5; got {num_downs}")
+        self.size_multiple = 2**num_downs
+        bias = norm_type is nn.InstanceNorm2d  # batch norm carries its own shift
+        # Outer to inner: (outer, inner) filters of each level below the outermost.
+        widths = [(ngf, ngf * 2), (ngf * 2, ngf * 4), (ngf * 4, ngf * 8)]
+        widths += [(ngf * 8, ngf * 8)] * (num_downs - 4)
+
+        def down(source: int, target: int, normalise: bool) -> nn.Sequential:
+            layers = [nn.LeakyReLU(0.2), nn.Conv2d(source, target, 4, 2, 1, bias=bias)]
+            return nn.Sequential(*layers, *([norm_type(target)] if normalise else []))
+
+        def up(source: int, target: int, drop: bool) -> nn.Sequential:
+            layers = [nn.ReLU(), nn.ConvTranspose2d(source, target, 4, 2, 1, bias=bias), norm_type(target)]
+            return nn.Sequential(*layers, *([nn.Dropout(dropout)] if drop and dropout > 0 else []))
+
+        inner: nn.Module | None = None
+        for depth, (outer_width, inner_width) in reversed(list(enumerate(widths))):
+            innermost = depth == len(widths) - 1
+            drop = not innermost and depth >= 3  # the ngf*8 levels between the innermost and 4*ngf
+            inner = _SkipLevel(
+                down(outer_width, inner_width, normalise=not innermost),
+                inner,
+                up(inner_width if innermost else 2 * inner_width, outer_width, drop),
+                outermost=False,
+            )
+        self.model = _SkipLevel(
+            nn.Conv2d(in_channels, ngf, 4, 2, 1, bias=bias),
+            inner,
+            nn.Sequential(nn.ReLU(), nn.ConvTranspose2d(2 * ngf, out_channels, 4, 2, 1), nn.Tanh()),
+            outermost=True,
+        )
+        self.apply(normal_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_tracing() and (
+            x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple
+        ):
+            raise ValueError(
+                f"height and width must be divisible by {self.size_multiple}; got {list(x.shape[2:])}"
+            )
+        return self.model(x)
+
+
+class Pix2PixGenerator(nn.Module):
+    """The pix2pix baseline in the synthesis harness: ``forward(mask, atlas) -> {"images"}``.
+
+    The U-Net sees the one-hot lesion mask (the papers' baseline input) and, with ``use_atlas``, the
+    atlas slices as well; every sequence is one output channel.
+
+    Args:
+        num_sequences: output images (one per sequence).
+        mask_channels: channels of the one-hot lesion mask.
+        use_atlas: also feed the atlas (``3 * num_sequences`` channels); off in the papers.
+        num_downs, ngf, norm, dropout: see :class:`UNetSkipGenerator`.
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        use_atlas: bool = False,
+        num_downs: int = 8,
+        ngf: int = 64,
+        norm: str = "batch",
+        dropout: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
+        in_channels = mask_channels + (ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0)
+        self.unet = UNetSkipGenerator(in_channels, num_sequences, num_downs, ngf, norm, dropout)
+
+    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = torch.cat([mask, atlas], dim=1) if self.use_atlas else mask
+        return {"images": self.unet(x)}
+
+
+def pix2pix_patch_discriminator(
+    in_channels: int, base_filters: int = 64, num_layers: int = 3, norm: str = "batch"
+) -> PatchGANDiscriminator:
+    """pix2pix's PatchGAN (70x70 receptive field with 3 layers): pix2pixHD's layout with padding 1 and
+    no bias before batch norm. It discriminates ``cat([condition, images])``."""
+    return PatchGANDiscriminator(
+        in_channels, base_filters, num_layers, norm=norm, padding=1, bias_with_norm=norm != "batch"
+    )
