@@ -1,5 +1,6 @@
-"""The papers' comparison systems in the CG-SAMR harness: pix2pix (networks against the public
-implementation's parameter counts, the trainer's losses, the bundle's workflows)."""
+"""The papers' comparison systems in the CG-SAMR harness: pix2pix and pix2pixHD (networks against
+the public implementations' layouts and parameter counts, the trainer's losses, pix2pixHD's VGG term
+from local weights only, the bundles' workflows)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 from monai.bundle import ConfigParser, run
 
 from medsynth.data.cohort import resolve_cohort
-from medsynth.networks import Pix2PixGenerator, UNetSkipGenerator, pix2pix_patch_discriminator
+from medsynth.losses import VGGPerceptualLoss, vgg_perceptual_loss
+from medsynth.losses.perceptual import VGG19Features
+from medsynth.networks import (
+    Pix2PixGenerator,
+    Pix2PixHDGenerator,
+    UNetSkipGenerator,
+    pix2pix_patch_discriminator,
+)
 from medsynth.utils.bundles import bundle_config_files
 
 pytestmark = [
@@ -22,9 +30,14 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 PIX2PIX = REPO / "bundles" / "pix2pix"
 TINY_DATA = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32}
-TINY_NETWORK = {"pix2pix_ngf": 4, "pix2pix_num_downs": 5}
-TINY = {**TINY_DATA, **TINY_NETWORK, "num_epochs": 1, "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2,
-        "val_interval": 1, "sample_interval": 1}  # fmt: skip
+TINY_NETWORKS = {
+    "pix2pix": {"pix2pix_ngf": 4, "pix2pix_num_downs": 5},
+    "pix2pixhd": {"pix2pixhd_ngf": 4, "num_res_blocks": 1},
+}
+TINY_NETWORK = TINY_NETWORKS["pix2pix"]
+TINY_TRAIN = {"num_epochs": 1, "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2, "val_interval": 1,
+              "sample_interval": 1}  # fmt: skip
+TINY = {**TINY_DATA, **TINY_NETWORK, **TINY_TRAIN}
 
 
 def count(module: torch.nn.Module) -> int:
@@ -64,7 +77,10 @@ def test_the_pix2pix_step_trains_a_conditional_gan_with_l1(tmp_path, tiny_phanto
     parser.read_config(bundle_config_files(PIX2PIX, "train"))
     parser.update({**TINY, "cache_dir": tiny_phantom_cache, "output_dir": str(tmp_path)})
     trainer = parser.get_parsed_content("train#trainer")
-    assert set(trainer.networks) == {"generator", "discriminator"} and trainer.weight_reconstruction == 100
+    assert (
+        set(trainer.networks) == {"generator", "discriminator"}
+        and trainer.weights["reconstruction_loss"] == 100
+    )
     batch = trainer.prepare_batch(next(iter(trainer.data_loader)), "cpu")
     before = [p.detach().clone() for p in trainer.networks["generator"].parameters()]
     record = trainer.train_step(batch)
@@ -76,16 +92,34 @@ def test_the_pix2pix_step_trains_a_conditional_gan_with_l1(tmp_path, tiny_phanto
     assert any(changed)
 
 
-def test_pix2pix_bundle_trains_evaluates_and_synthesises_in_the_input_geometry(tmp_path, tiny_phantom_cache):
-    out = tmp_path / "pix2pix"
+@pytest.mark.parametrize("method", ["pix2pix", "pix2pixhd"])
+def test_a_baseline_bundle_trains_evaluates_and_synthesises_in_the_input_geometry(
+    method, tmp_path, tiny_phantom_cache
+):
+    bundle, network = REPO / "bundles" / method, TINY_NETWORKS[method]
+    out = tmp_path / method
     common = {"output_dir": str(out), "cache_dir": tiny_phantom_cache}
-    meta = str(PIX2PIX / "configs" / "metadata.json")
-    run(config_file=bundle_config_files(PIX2PIX, "train"), meta_file=meta, **common, **TINY)
-    run(config_file=bundle_config_files(PIX2PIX, "evaluate"), meta_file=meta, **common, **TINY)
+    meta = str(bundle / "configs" / "metadata.json")
+    run(
+        config_file=bundle_config_files(bundle, "train"),
+        meta_file=meta,
+        **common,
+        **TINY_DATA,
+        **network,
+        **TINY_TRAIN,
+    )
+    run(
+        config_file=bundle_config_files(bundle, "evaluate"),
+        meta_file=meta,
+        **common,
+        **TINY_DATA,
+        **network,
+        **TINY_TRAIN,
+    )
     assert (out / "models" / "model.pt").is_file() and not (out / "models" / "segmenter.pt").exists()
     assert (out / "eval" / "table1_test.csv").is_file()
-    run(config_file=bundle_config_files(PIX2PIX, "inference"), meta_file=meta, **common, **TINY_DATA,
-        **TINY_NETWORK, splits="test")  # fmt: skip
+    inference = bundle_config_files(bundle, "inference")
+    run(config_file=inference, meta_file=meta, **common, **TINY_DATA, **network, splits="test")
     manifest = resolve_cohort(
         "", tiny_phantom_cache, phantom_patients=3, phantom_shape=(40, 40, 6), progress=False
     )
@@ -96,3 +130,66 @@ def test_pix2pix_bundle_trains_evaluates_and_synthesises_in_the_input_geometry(t
     torch.testing.assert_close(
         torch.as_tensor(written.affine), torch.as_tensor(source.affine), atol=1e-4, rtol=0
     )
+
+
+def test_the_pix2pixhd_global_generator_is_the_harness_parts_with_instance_norm():
+    generator = Pix2PixHDGenerator(5, ngf=64, num_downsampling=4, num_res_blocks=9)
+    parts = (generator.encoder, generator.trunk, generator.decoder)
+    assert count(generator) == sum(count(part) for part in parts) == 182_455_813
+    assert (
+        generator.encoder.out_channels == 1024
+        and len(generator.trunk) == 9
+        and len(generator.decoder.branches) == 1
+    )
+    norms = [m for m in generator.modules() if isinstance(m, torch.nn.InstanceNorm2d)]
+    assert norms and not any(m.affine for m in norms)  # pix2pixHD's instance norm has no affine terms
+    small = Pix2PixHDGenerator(5, ngf=4, num_downsampling=2, num_res_blocks=1)
+    mask, atlas = torch.zeros(2, 5, 16, 16), torch.randn(2, 15, 16, 16)
+    torch.testing.assert_close(small(mask, atlas)["images"], small(mask, atlas * 3)["images"])  # no atlas
+
+
+def _torchvision_style_vgg19(path: Path) -> Path:
+    """A VGG19 state dict laid out as torchvision's (random weights: none are downloaded here)."""
+    torch.manual_seed(0)
+    state = {**VGG19Features().state_dict(), "classifier.0.weight": torch.zeros(2, 2)}
+    torch.save(state, path)
+    return path
+
+
+def test_the_vgg_term_comes_only_from_local_weights(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        assert vgg_perceptual_loss("") is None
+    assert "VGG perceptual term is off" in caplog.text
+    with pytest.raises(FileNotFoundError, match="VGG19 weights not found"):
+        vgg_perceptual_loss(tmp_path / "absent.pth")
+    torch.save({"features.0.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
+    with pytest.raises(ValueError, match="not a torchvision VGG19"):
+        vgg_perceptual_loss(tmp_path / "wrong.pth")
+    loss = vgg_perceptual_loss(_torchvision_style_vgg19(tmp_path / "vgg19.pth"))
+    assert isinstance(loss, VGGPerceptualLoss) and loss.state_dict() == {}  # fixed weights: not checkpointed
+    real = torch.rand(2, 5, 32, 32) * 2 - 1
+    assert float(loss(real, real)) == 0.0
+    fake = (real + 0.5 * torch.randn_like(real)).requires_grad_()
+    value = loss(fake, real)
+    value.backward()
+    assert value > 0 and fake.grad.abs().sum() > 0
+    assert all(p.grad is None for p in loss.vgg.parameters())
+
+
+def test_the_pix2pixhd_step_logs_feature_matching_and_the_vgg_term_where_weights_are_given(
+    tmp_path, tiny_phantom_cache
+):
+    bundle = REPO / "bundles" / "pix2pixhd"
+    records = {}
+    for name, vgg in (("without", ""), ("with", str(_torchvision_style_vgg19(tmp_path / "vgg19.pth")))):
+        parser = ConfigParser()
+        parser.read_config(bundle_config_files(bundle, "train"))
+        parser.update({**TINY_DATA, **TINY_NETWORKS["pix2pixhd"], **TINY_TRAIN, "vgg_weights": vgg,
+                       "cache_dir": tiny_phantom_cache, "output_dir": str(tmp_path / name)})  # fmt: skip
+        trainer = parser.get_parsed_content("train#trainer")
+        assert trainer.weights["feature_matching_loss"] == pytest.approx(10 * 4 / 3 / 2)  # 2 layers, 2 scales
+        batch = trainer.prepare_batch(next(iter(trainer.data_loader)), "cpu")
+        records[name] = trainer.train_step(batch)
+    assert "loss_fm" in records["without"] and "loss_vgg" not in records["without"]
+    assert "loss_l1" not in records["without"]  # pix2pixHD has no L1 term
+    assert records["with"]["loss_vgg"] > 0

@@ -1,6 +1,7 @@
 """Training and evaluation engines (MONAI / ignite): one adversarial base and a subclass per method family."""
 
 from medsynth.engines.adversarial import AdversarialTrainer, unwrap
+from medsynth.engines.conditional import ConditionalGANTrainer
 from medsynth.engines.evaluator import SynthesisEvaluator
 from medsynth.engines.handlers import (
     BestModelSaver,
@@ -16,7 +17,6 @@ from medsynth.engines.handlers import (
     latest_checkpoint,
     table_summary,
 )
-from medsynth.engines.pix2pix import Pix2PixTrainer
 from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
@@ -34,7 +34,7 @@ __all__ = [
     "CheckpointPruner",
     "MetricsTableWriter",
     "LesionSegmentationMetric",
-    "Pix2PixTrainer",
+    "ConditionalGANTrainer",
     "PrepareBatchWithWeights",
     "ModelAtlasSaver",
     "PeriodicValidationHandler",

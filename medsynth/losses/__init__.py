@@ -13,6 +13,7 @@ from medsynth.losses.adversarial import (
 )
 from medsynth.losses.confidence import ConfidenceMapLoss, half_scale
 from medsynth.losses.feature_matching import FeatureMatchingLoss
+from medsynth.losses.perceptual import VGGPerceptualLoss, vgg_perceptual_loss
 from medsynth.losses.segmentation import VoxelWeightedDiceCELoss
 from medsynth.losses.shape_consistency import ShapeConsistencyLoss
 
@@ -32,8 +33,10 @@ __all__ = [
     "FeatureMatchingLoss",
     "LeastSquaresAdversarialLoss",
     "ShapeConsistencyLoss",
+    "VGGPerceptualLoss",
     "VanillaAdversarialLoss",
     "VoxelWeightedDiceCELoss",
     "half_scale",
     "predictions_of",
+    "vgg_perceptual_loss",
 ]

@@ -6,7 +6,8 @@
   decoders) and the one-tensor inference wrapper;
 * :mod:`.discriminators`: PatchGAN, multi-scale PatchGAN, label-wise ROI wrapper;
 * :mod:`.samr`: the SAMR and CG-SAMR generators;
-* :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN (the papers' paired baseline);
+* :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN, the pix2pixHD global generator (the
+  papers' paired baselines);
 * :mod:`.segmentation`: the lesion U-Net.
 """
 
@@ -33,7 +34,12 @@ from medsynth.networks.parts import (
     StretchOutDecoder,
     SynthesisInferenceNetwork,
 )
-from medsynth.networks.pix2pix import Pix2PixGenerator, UNetSkipGenerator, pix2pix_patch_discriminator
+from medsynth.networks.pix2pix import (
+    Pix2PixGenerator,
+    Pix2PixHDGenerator,
+    UNetSkipGenerator,
+    pix2pix_patch_discriminator,
+)
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
 
@@ -51,6 +57,7 @@ __all__ = [
     "OutputHead",
     "PatchGANDiscriminator",
     "Pix2PixGenerator",
+    "Pix2PixHDGenerator",
     "ResidualBlock",
     "ResidualTrunk",
     "SAMRGenerator",

@@ -26,9 +26,15 @@ from medsynth.constants import ATLAS_SLICES_PER_SEQUENCE, CLINICAL_SEQUENCES, NU
 from medsynth.networks.blocks import check_norm
 from medsynth.networks.discriminators import PatchGANDiscriminator
 
-__all__ = ["Pix2PixGenerator", "UNetSkipGenerator", "pix2pix_patch_discriminator"]
+__all__ = ["Pix2PixGenerator", "Pix2PixHDGenerator", "UNetSkipGenerator", "pix2pix_patch_discriminator"]
 
 _NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}
+
+
+def _check_divisible(x: torch.Tensor, multiple: int) -> None:
+    """Refuse an input whose height or width the generator's down-sampling cannot halve evenly."""
+    if not torch.jit.is_tracing() and (x.shape[-1] % multiple or x.shape[-2] % multiple):
+        raise ValueError(f"height and width must be divisible by {multiple}; got {list(x.shape[2:])}")
 
 
 class _SkipLevel(nn.Module):
@@ -105,12 +111,7 @@ class UNetSkipGenerator(nn.Module):
         self.apply(normal_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_tracing() and (
-            x.shape[-1] % self.size_multiple or x.shape[-2] % self.size_multiple
-        ):
-            raise ValueError(
-                f"height and width must be divisible by {self.size_multiple}; got {list(x.shape[2:])}"
-            )
+        _check_divisible(x, self.size_multiple)
         return self.model(x)
 
 
@@ -155,3 +156,56 @@ def pix2pix_patch_discriminator(
     return PatchGANDiscriminator(
         in_channels, base_filters, num_layers, norm=norm, padding=1, bias_with_norm=norm != "batch"
     )
+
+
+class Pix2PixHDGenerator(nn.Module):
+    """pix2pixHD's global generator (Wang et al., CVPR 2018) in the synthesis harness:
+    ``forward(mask, atlas) -> {"images"}``, composed of this package's parts.
+
+    A 7x7 convolution to ``ngf`` and ``num_downsampling`` stride-2 3x3 convolutions doubling the
+    width (:class:`~medsynth.networks.blocks.ConvEncoder`), ``num_res_blocks`` residual blocks
+    (:class:`~medsynth.networks.parts.ResidualTrunk`), as many 3x3 transposed convolutions halving
+    it and a 7x7 convolution with tanh to all N sequences (one shared
+    :class:`~medsynth.networks.parts.StretchOutDecoder` branch, no residual block of its own);
+    instance norm and reflection padding, biases everywhere, as pix2pixHD. The input is the one-hot
+    lesion mask (the papers' baseline) or, with ``use_atlas``, the mask and the atlas.
+
+    Args:
+        num_sequences: output images.
+        mask_channels: channels of the one-hot lesion mask.
+        use_atlas: also feed the atlas (not the papers' baseline).
+        ngf: width after the first convolution (64 in pix2pixHD).
+        num_downsampling: stride-2 steps (4 in pix2pixHD's global generator).
+        num_res_blocks: residual blocks (9).
+        norm: ``"instance"`` (pix2pixHD) or ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        use_atlas: bool = False,
+        ngf: int = 64,
+        num_downsampling: int = 4,
+        num_res_blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        from medsynth.networks.blocks import ConvEncoder
+        from medsynth.networks.parts import ResidualTrunk, StretchOutDecoder
+
+        super().__init__()
+        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
+        in_channels = mask_channels + (ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0)
+        self.encoder = ConvEncoder(in_channels, ngf, num_downsampling, norm)
+        self.trunk = ResidualTrunk(self.encoder.out_channels, num_res_blocks, norm)
+        self.decoder = StretchOutDecoder(
+            self.encoder.out_channels, num_sequences, num_downsampling, norm, branch_residual_block=False,
+            stretch_out=False,
+        )  # fmt: skip
+        self.size_multiple = 2**num_downsampling
+        self.apply(normal_init)
+
+    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        x = torch.cat([mask, atlas], dim=1) if self.use_atlas else mask
+        _check_divisible(x, self.size_multiple)
+        return {"images": self.decoder(self.trunk(self.encoder(x)))}
