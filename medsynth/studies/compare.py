@@ -174,7 +174,8 @@ def compare_runs(
     lesion.index.name = "Method"
     lesion.to_csv(out / "table5.csv")
     caption = "Lesion pixel accuracy (%), Table V layout"
-    save_text(to_markdown(lesion, caption=caption) + "\n", out / "table5.md")
+    shown = lesion.map(lambda value: f"{value:.1f}")  # the papers' one decimal for every sequence
+    save_text(to_markdown(shown, caption=caption) + "\n", out / "table5.md")
     written.update(table5_csv=out / "table5.csv", table5_md=out / "table5.md")
     if figure:
         written["fig6"] = comparison_figure(runs, out / "fig6.png", dataset_dir, split, overrides or {})
