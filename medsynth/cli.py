@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"medsynth {medsynth.__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input problem too")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_info in sorted(pkgutil.iter_modules(medsynth.commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"medsynth.commands.{module_info.name}")
@@ -42,23 +43,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    return run_reporting_input_problems(args.func, args, getattr(args, "debug", False))
+
+
+def run_reporting_input_problems(func, args: argparse.Namespace, debug: bool = False) -> int:
+    """``func(args)`` as an exit code; an input problem is one logged line and exit code 2 (with
+    ``debug`` its traceback is kept). The CLIs of ``medsynth`` and ``python -m preprocessing`` share it."""
     try:
-        return int(args.func(args) or 0)
+        return int(func(args) or 0)
     except Exception as error:
         # Input problems are the user's to fix: say what is wrong without a traceback. MONAI's bundle
         # runner wraps them ("Failed to evaluate ..."), so the cause chain is searched for one.
         problem = _input_problem(error)
-        if problem is None:
+        if problem is None or debug:
             raise
         logger.error("%s", problem)
         return 2
 
 
+# Problems of the user's input or of the places it names: said in one line, without a traceback.
+INPUT_PROBLEMS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    IsADirectoryError,
+    PermissionError,
+)
+
+
 def _input_problem(error: BaseException) -> BaseException | None:
-    """The first ``ValueError`` / ``FileNotFoundError`` in ``error``'s cause chain, or ``None``."""
+    """The first of :data:`INPUT_PROBLEMS` in ``error``'s cause chain, or ``None``."""
     seen = set()
     while error is not None and id(error) not in seen:
-        if isinstance(error, (ValueError, FileNotFoundError)):
+        if isinstance(error, INPUT_PROBLEMS):
             return error
         seen.add(id(error))
         error = error.__cause__ or error.__context__

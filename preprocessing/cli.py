@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         "standardization and a train-split multivariate atlas, into the medsynth manifest layout.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an input problem too")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="preprocess a cohort folder (one sub-folder per patient); resumable")
@@ -119,7 +120,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    return int(args.func(args))
+    from medsynth.cli import run_reporting_input_problems
+
+    return run_reporting_input_problems(args.func, args, args.debug)
 
 
 if __name__ == "__main__":

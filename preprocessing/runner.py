@@ -274,6 +274,19 @@ def _build_atlas(
     return {s: str((out_dir / "work" / "atlas" / rel).resolve()) for s, rel in rec.outputs.items()}
 
 
+def _require_separate_folders(input_dir: Path, out_dir: Path) -> None:
+    """The output must be neither the input nor inside it (nor hold it): a rerun would take the
+    outputs (``atlas/``, ``qc/``, ``work/``) for patients."""
+    source, target = input_dir.resolve(), out_dir.resolve()
+    if target.is_file():
+        raise NotADirectoryError(f"--output {out_dir} is a file, not a folder")
+    if source == target or source in target.parents or target in source.parents:
+        raise ValueError(
+            f"--output {out_dir} and --input {input_dir} overlap (the same folder, or one inside the "
+            "other): choose an output folder outside the raw exams"
+        )
+
+
 def run_cohort(
     input_dir: str | os.PathLike, output_dir: str | os.PathLike, config: CohortConfig | None = None
 ) -> CohortResult:
@@ -284,6 +297,7 @@ def run_cohort(
     """
     config = config or CohortConfig()
     out_dir = Path(output_dir)
+    _require_separate_folders(Path(input_dir), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     folders = list_patient_folders(input_dir)
     ids = [f.name for f in folders]

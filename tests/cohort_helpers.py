@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from medsynth.constants import CLINICAL_SEQUENCES, atlas_column
+from medsynth.constants import BRATS_SEQUENCES, CLINICAL_SEQUENCES, atlas_column
 from medsynth.data.manifest import split_patients, write_manifest
 from medsynth.utils.io import save_nifti
 
 TINY_SHAPE = (24, 20, 6)
 RAS_AFFINE = np.diag([1.0, 1.0, 2.0, 1.0])
 # BraTS-like orientation (L, P, S): the dataset must flip x and y to reach RAS.
+BRATS_SUFFIX = {"t1w": "t1", "gd_t1w": "t1ce", "t2w": "t2", "flair": "flair"}
 LPS_AFFINE = np.array([[-1.0, 0, 0, 23.0], [0, -1.0, 0, 19.0], [0, 0, 2.0, 0], [0, 0, 0, 1.0]])
 
 
@@ -83,3 +84,21 @@ def write_tiny_cohort(
         for row in rows:
             row[atlas_column(sequence)] = str(path)
     return write_manifest(pd.DataFrame(rows), root / "manifest.csv")
+
+
+def write_tiny_brats_case(root: Path, case: str, rng: np.random.Generator, tumour_seg_value: float = 4):
+    """A tiny BraTS case (int16 like the real ones, the seg float when ``tumour_seg_value`` is not a
+    whole number); ``tumour_seg_value`` 3 makes an unknown seg value. Returns the project label map
+    and the files."""
+    label = tiny_label(TINY_SHAPE)
+    seg_of_label = np.array([0, 0, 2, 1, tumour_seg_value])  # inverse of the project mapping (0, 1 -> seg 0)
+    whole = float(tumour_seg_value).is_integer()
+    seg = seg_of_label[label].astype(np.int16 if whole else np.float32)
+    files = {}
+    for sequence in BRATS_SEQUENCES:
+        volume = np.rint(tiny_sequence(label, sequence, rng)).astype(np.int16)
+        files[sequence] = save_nifti(
+            volume, RAS_AFFINE, Path(root) / case / f"{case}_{BRATS_SUFFIX[sequence]}.nii.gz"
+        )
+    files["seg"] = save_nifti(seg, RAS_AFFINE, Path(root) / case / f"{case}_seg.nii.gz")
+    return label, files

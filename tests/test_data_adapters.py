@@ -11,7 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cohort_helpers import RAS_AFFINE, TINY_SHAPE, tiny_label, tiny_sequence, write_tiny_cohort
+from cohort_helpers import (
+    RAS_AFFINE,
+    write_tiny_brats_case,
+    write_tiny_cohort,
+)
 
 from medsynth.constants import BRATS_SEQUENCES
 from medsynth.data.adapters import brats_cohort, find_brats_cases, user_csv_cohort
@@ -20,8 +24,6 @@ from medsynth.data.dataset import make_slice_dataset
 from medsynth.data.manifest import read_manifest, split_patients
 from medsynth.errors import CohortValidationError
 from medsynth.utils.io import save_nifti
-
-BRATS_SUFFIX = {"t1w": "t1", "gd_t1w": "t1ce", "t2w": "t2", "flair": "flair"}
 
 
 def _volume(path) -> np.ndarray:
@@ -103,25 +105,10 @@ def test_user_csv_atlas_needs_a_common_grid(tmp_path):
         user_csv_cohort(csv, tmp_path / "derived", progress=False)
 
 
-def _write_brats_case(root, case, rng, tumour_seg_value=4):
-    """A tiny BraTS case (int16 like the real ones); ``tumour_seg_value`` 3 makes an unknown seg value."""
-    label = tiny_label(TINY_SHAPE)
-    seg_of_label = np.array([0, 0, 2, 1, tumour_seg_value])  # inverse of the project mapping (0, 1 -> seg 0)
-    seg = seg_of_label[label].astype(np.int16)
-    files = {}
-    for sequence in BRATS_SEQUENCES:
-        volume = np.rint(tiny_sequence(label, sequence, rng)).astype(np.int16)
-        files[sequence] = save_nifti(
-            volume, RAS_AFFINE, root / case / f"{case}_{BRATS_SUFFIX[sequence]}.nii.gz"
-        )
-    files["seg"] = save_nifti(seg, RAS_AFFINE, root / case / f"{case}_seg.nii.gz")
-    return label, files
-
-
 def test_brats_layout_labels_atlas_and_resume(tmp_path):
     rng = np.random.default_rng(0)
     truth = {
-        case: _write_brats_case(tmp_path / "brats", case, rng)
+        case: write_tiny_brats_case(tmp_path / "brats", case, rng)
         for case in ("BraTS_a", "BraTS_b", "BraTS_c", "BraTS_d")
     }
     assert sorted(find_brats_cases(tmp_path / "brats")) == sorted(truth)
@@ -158,9 +145,9 @@ def test_brats_layout_labels_atlas_and_resume(tmp_path):
 
 def test_brats_layout_problems_name_the_case(tmp_path):
     rng = np.random.default_rng(1)
-    _write_brats_case(tmp_path / "brats", "good", rng)
-    _, files = _write_brats_case(tmp_path / "brats", "odd_seg", rng, tumour_seg_value=3)
-    _, missing = _write_brats_case(tmp_path / "brats", "no_t2", rng)
+    write_tiny_brats_case(tmp_path / "brats", "good", rng)
+    _, files = write_tiny_brats_case(tmp_path / "brats", "odd_seg", rng, tumour_seg_value=3)
+    _, missing = write_tiny_brats_case(tmp_path / "brats", "no_t2", rng)
     missing["t2w"].unlink()
     with pytest.raises(CohortValidationError, match="no_t2.*missing the t2w file"):
         brats_cohort(tmp_path / "brats", tmp_path / "out", progress=False)

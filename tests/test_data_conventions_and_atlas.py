@@ -106,7 +106,9 @@ def test_conventions_and_mapping_files(tmp_path):
 
 def test_an_all_test_cohort(tmp_path):
     assert set(split_patients([f"p{i}" for i in range(5)], (0, 0, 1)).values()) == {"test"}
-    assert set(split_patients(["a", "b"], (0, 1, 1)).values()) == {"val", "test"}
+    assert set(split_patients(["a", "b"], (0, 0.5, 0.5)).values()) == {"val", "test"}
+    with pytest.raises(ValueError, match="must sum to 1"):
+        split_patients(["a", "b"], (0, 1, 1))
     csv, _ = _csv_with_brats_seg(tmp_path, "brats")
     assert (
         main(["cohort", str(csv), "--cache-dir", str(tmp_path / "cache"), "--split-fractions", "0", "0", "1"])

@@ -32,7 +32,7 @@ from medsynth.constants import (
     NORMAL_BRAIN,
     NUM_LABELS,
 )
-from medsynth.utils.labels import unique_values
+from medsynth.utils.labels import integer_map_problem, unique_values
 
 __all__ = [
     "LABEL_CONVENTIONS",
@@ -115,9 +115,10 @@ def to_project_labels(
     Raises:
         ValueError: values the convention does not define, or no brain mask where one is needed.
     """
-    data = (
-        np.rint(label).astype(np.int64) if not np.issubdtype(np.asarray(label).dtype, np.integer) else label
-    )
+    problem = integer_map_problem(label)
+    if problem is not None:
+        raise ValueError(f"label map {problem}")
+    data = np.asarray(label).astype(np.int64)
     if convention.values is None:
         return np.asarray(data).astype(np.uint8)
     unknown = sorted(set(unique_values(np.asarray(data)).tolist()) - set(convention.values))

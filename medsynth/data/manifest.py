@@ -71,6 +71,11 @@ def split_patients(
         raise ValueError(
             f"split fractions must be {len(SPLITS)} non-negative numbers, got {tuple(fractions)}"
         )
+    if abs(float(sum(fractions)) - 1.0) > 1e-6:
+        terms = " + ".join(f"{f:g}" for f in fractions)
+        raise ValueError(
+            f"split fractions (train, val, test) must sum to 1, got {terms} = {float(sum(fractions)):g}"
+        )
     weights = np.asarray(fractions, dtype=float) / float(sum(fractions))
     order = np.random.default_rng(seed).permutation(len(ids))
     counts = np.floor(weights * len(ids)).astype(int)

@@ -92,6 +92,16 @@ def grid_problem(image, reference, reference_column: str, column: str, what: str
     return None
 
 
+def _constant_problem(data: np.ndarray, column: str) -> str | None:
+    """An image holding one value everywhere (all zero: an empty or failed export) has nothing to
+    learn from and would scale to NaN or a constant."""
+    if data.size and float(np.max(data)) == float(np.min(data)):
+        value = float(np.min(data))
+        what = "all zero" if value == 0 else f"constant ({value:g} everywhere)"
+        return f"sequence {column} is {what}: an empty or failed export? Re-export or remove this patient"
+    return None
+
+
 def check_shared_file(path: str, column: str) -> list[InputDataError]:
     """Header and data checks of a file that several patients share (an atlas volume)."""
     image, errors = _load_header(path, column, None)
@@ -157,7 +167,11 @@ def validate_patient(
         if problem:
             errors.append(InputDataError(problem, path, pid))
             continue
-        if column == MANIFEST_LABEL_COLUMN:
+        if column in sequences:
+            problem = _constant_problem(data, column)
+            if problem:
+                errors.append(InputDataError(problem, path, pid))
+        elif column == MANIFEST_LABEL_COLUMN:
             errors += _label_problems(data, path, pid)
         elif column == MANIFEST_BRAIN_MASK_COLUMN and not np.any(data >= BRAIN_MASK_THRESHOLD):
             errors.append(

@@ -12,7 +12,7 @@ import numpy as np
 
 from medsynth.constants import LABEL_NAMES, NUM_LABELS
 
-__all__ = ["VALID_LABELS", "checked_label_map", "label_map_problem", "unique_values"]
+__all__ = ["VALID_LABELS", "checked_label_map", "integer_map_problem", "label_map_problem", "unique_values"]
 
 VALID_LABELS: tuple[int, ...] = tuple(range(NUM_LABELS))
 _CONVENTION = ", ".join(f"{value} {name.replace('_', ' ')}" for value, name in LABEL_NAMES.items())
@@ -27,9 +27,9 @@ def unique_values(data: np.ndarray) -> np.ndarray:
     return np.unique(data)
 
 
-def label_map_problem(data: np.ndarray, allowed: Collection[int] = VALID_LABELS) -> str | None:
-    """Why ``data`` is not a label map with values in ``allowed`` (a phrase that follows the map's name,
-    e.g. ``"has unknown label value(s) [7] (...)"``), or ``None`` when it is one."""
+def integer_map_problem(data: np.ndarray) -> str | None:
+    """Why ``data`` is not made of whole numbers (empty, NaN/inf, fractions: a label map that was
+    interpolated or stored as float), or ``None``. Label maps are refused, never rounded."""
     data = np.asarray(data)
     if data.size == 0:
         return "is empty"
@@ -37,10 +37,24 @@ def label_map_problem(data: np.ndarray, allowed: Collection[int] = VALID_LABELS)
         bad = int(data.size - np.count_nonzero(np.isfinite(data)))
         if bad:
             return f"contains {bad} NaN/inf value(s)"
+        values = unique_values(data)
+        non_integer = values[values != np.round(values)]
+        if non_integer.size:
+            return (
+                f"has non-integer values {non_integer[:5].tolist()} (an interpolated or resampled label "
+                "map? labels are refused, never rounded: resample label maps with nearest neighbour)"
+            )
+    return None
+
+
+def label_map_problem(data: np.ndarray, allowed: Collection[int] = VALID_LABELS) -> str | None:
+    """Why ``data`` is not a label map with values in ``allowed`` (a phrase that follows the map's name,
+    e.g. ``"has unknown label value(s) [7] (...)"``), or ``None`` when it is one."""
+    data = np.asarray(data)
+    problem = integer_map_problem(data)
+    if problem is not None:
+        return problem
     values = unique_values(data)
-    non_integer = values[values != np.round(values)]
-    if non_integer.size:
-        return f"has non-integer values {non_integer[:5].tolist()}"
     unknown = sorted(set(values.astype(np.int64).tolist()) - {int(v) for v in allowed})
     if unknown:
         if tuple(allowed) == VALID_LABELS:

@@ -108,6 +108,9 @@ def generate_phantom_cohort(
         raise ValueError(f"shape must be three sizes of at least 4 voxels, got {shape}")
     if int(workers) < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
+    split_patients(
+        [patient_id(i) for i in range(int(num_patients))], split_fractions
+    )  # refuse bad fractions now
     if raw_scale is None:
         raw_scale = max(1.0, DEFAULT_SHAPE[0] / shape[0])
     settings = {
