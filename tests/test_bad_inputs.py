@@ -4,6 +4,12 @@ partial is left. The matrix is in docs/reliability.md."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from cohort_helpers import write_tiny_brats_case, write_tiny_cohort
@@ -12,11 +18,18 @@ from medsynth.cli import main
 from medsynth.data.manifest import read_manifest
 from medsynth.utils.io import save_nifti
 
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings("ignore:parsing config_file")
 
-def _run(capfd, *argv: str) -> tuple[int, str]:
-    code = main(list(argv))
-    captured = capfd.readouterr()
-    return code, captured.out + captured.err
+
+def _run(*argv: str, module: str = "medsynth.cli") -> tuple[int, str]:
+    """The command line as a user runs it: its own process (so its logging is its own), from the
+    repository root; returns the exit code and everything it printed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", module, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    return result.returncode, result.stdout + result.stderr
 
 
 def _one_clean_error(output: str, *needles: str) -> None:
@@ -25,40 +38,36 @@ def _one_clean_error(output: str, *needles: str) -> None:
         assert needle in output, (needle, output[-1500:])
 
 
-def test_cohort_refuses_a_brats_seg_with_non_integer_values_and_writes_no_label(tmp_path, capfd):
+def test_cohort_refuses_a_brats_seg_with_non_integer_values_and_writes_no_label(tmp_path):
     rng = np.random.default_rng(0)
     write_tiny_brats_case(tmp_path / "brats", "good", rng)
     _, files = write_tiny_brats_case(tmp_path / "brats", "fractional", rng, tumour_seg_value=3.6)
     cache = tmp_path / "cache"
-    code, output = _run(capfd, "cohort", str(tmp_path / "brats"), "--cache-dir", str(cache))
+    code, output = _run("cohort", str(tmp_path / "brats"), "--cache-dir", str(cache))
     assert code == 2
     _one_clean_error(output, "fractional", "fractional_seg.nii.gz", "non-integer values", "never rounded")
     assert not list(cache.rglob("fractional*label*"))  # nothing half-derived for that case
 
 
 @pytest.mark.parametrize("value, words", [(0.0, "is all zero"), (250.0, "is constant (250 everywhere)")])
-def test_cohort_refuses_a_constant_sequence_naming_patient_and_file(tmp_path, capfd, value, words):
+def test_cohort_refuses_a_constant_sequence_naming_patient_and_file(tmp_path, value, words):
     manifest_path = write_tiny_cohort(tmp_path / "ready", num_patients=4)
     row = read_manifest(manifest_path).iloc[1]
     image_path = row["t2w"]
     save_nifti(np.full((24, 20, 6), value, np.float32), np.diag([1.0, 1.0, 2.0, 1.0]), image_path)
-    code, output = _run(capfd, "cohort", str(tmp_path / "ready"), "--cache-dir", str(tmp_path / "cache"))
+    code, output = _run("cohort", str(tmp_path / "ready"), "--cache-dir", str(tmp_path / "cache"))
     assert code == 2
     _one_clean_error(output, row["patient_id"], "t2w", words)
 
 
-def test_phantom_and_cohort_refuse_split_fractions_that_do_not_sum_to_one(tmp_path, capfd):
+def test_phantom_and_cohort_refuse_split_fractions_that_do_not_sum_to_one(tmp_path):
     out = tmp_path / "phantom"
-    code, output = _run(
-        capfd, "phantom", "--out", str(out), "--patients", "3", "--splits", "0.5", "0.5", "0.5"
-    )
+    code, output = _run("phantom", "--out", str(out), "--patients", "3", "--splits", "0.5", "0.5", "0.5")
     assert code == 2
     _one_clean_error(output, "must sum to 1", "1.5")
     assert not out.exists() or not any(out.iterdir())  # nothing written
     cohort = ["cohort", "--cache-dir", str(tmp_path / "c"), "--phantom-patients", "3"]
-    code, output = _run(
-        capfd, *cohort, "--phantom-shape", "24", "24", "4", "--split-fractions", "0.6", "0.3", "0.3"
-    )
+    code, output = _run(*cohort, "--phantom-shape", "24", "24", "4", "--split-fractions", "0.6", "0.3", "0.3")
     assert code == 2
     _one_clean_error(output, "must sum to 1")
 
@@ -75,10 +84,10 @@ def test_a_constant_sequence_is_refused_by_the_validation_every_source_shares(tm
     assert not validate_patient(manifest.iloc[1].to_dict(), ["t1w", "gd_t1w", "t2w", "flair", "aptw"])
 
 
-def test_phantom_out_on_an_existing_file_is_one_clean_line_and_debug_keeps_the_traceback(tmp_path, capfd):
+def test_phantom_out_on_an_existing_file_is_one_clean_line_and_debug_keeps_the_traceback(tmp_path):
     target = tmp_path / "a_file"
     target.write_text("not a folder")
-    code, output = _run(capfd, "phantom", "--out", str(target), "--patients", "2", "--shape", "24", "24", "4")
+    code, output = _run("phantom", "--out", str(target), "--patients", "2", "--shape", "24", "24", "4")
     assert code == 2 and target.read_text() == "not a folder"
     _one_clean_error(output, str(target))
     with pytest.raises(OSError):
@@ -86,17 +95,102 @@ def test_phantom_out_on_an_existing_file_is_one_clean_line_and_debug_keeps_the_t
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "file"])
-def test_preprocessing_refuses_an_output_that_overlaps_the_input_or_is_a_file(tmp_path, capfd, where):
-    from preprocessing.cli import main as preprocessing_main
-
+def test_preprocessing_refuses_an_output_that_overlaps_the_input_or_is_a_file(tmp_path, where):
     raw = tmp_path / "raw"
     (raw / "P001").mkdir(parents=True)
     output = {"same": raw, "inside": raw / "derived", "file": tmp_path / "out.txt"}[where]
     if where == "file":
         output.write_text("x")
-    code = preprocessing_main(["run", "--input", str(raw), "--output", str(output)])
-    captured = capfd.readouterr()
-    text = captured.out + captured.err
+    code, text = _run("run", "--input", str(raw), "--output", str(output), module="preprocessing")
     assert code == 2 and "Traceback" not in text
     assert ("is a file" if where == "file" else "overlap") in text
     assert sorted(p.name for p in raw.iterdir()) == ["P001"]  # nothing written into the raw folder
+
+
+# -- trained models: weights files and inference masks -----------------------------------------------
+TINY_SYNTHESIS = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32, "base_width": 4,
+                  "num_res_blocks": 1}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, tiny_phantom_cache) -> dict:
+    """Tiny trained CG-SAMR and SAMR runs (one epoch) on the tiny phantom."""
+    import os
+    from pathlib import Path
+
+    from monai.bundle import run
+
+    from medsynth.utils.bundles import bundle_config_files
+
+    repo = Path(__file__).resolve().parents[1]
+    os.chdir(repo)
+    root = tmp_path_factory.mktemp("runs")
+    train = {**TINY_SYNTHESIS, "num_epochs": 1, "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2,
+             "unet_channels": [4, 8, 16, 32, 64], "val_interval": 1, "sample_interval": 1}  # fmt: skip
+    runs = {}
+    for name in ("cg_samr", "samr"):
+        runs[name] = root / name
+        files = bundle_config_files(repo / "bundles" / name, "train")
+        run(config_file=files, output_dir=str(runs[name]), cache_dir=tiny_phantom_cache, **train)
+    return {"runs": runs, "cache": tiny_phantom_cache, "repo": repo}
+
+
+def _synthesize(tiny_runs, run_dir, *extra: str) -> tuple[int, str]:
+    settings = [f"{k}={json.dumps(v)}" for k, v in TINY_SYNTHESIS.items()]
+    settings += [f"cache_dir={tiny_runs['cache']}", f"inference_dir={run_dir.parent / 'inference_out'}"]
+    return _run("synthesize", "--output-dir", str(run_dir), *extra, "--set", *settings)
+
+
+def test_weights_of_another_bundle_are_refused_with_the_bundle_that_fits(tiny_runs, monkeypatch):
+    monkeypatch.chdir(tiny_runs["repo"])
+    code, output = _synthesize(tiny_runs, tiny_runs["runs"]["samr"], "--bundle", "bundles/cg_samr")
+    assert code == 2
+    _one_clean_error(
+        output, "model.pt", "hold a SAMR generator", "builds a CG-SAMR generator", "use bundles/samr"
+    )
+    assert "Missing key" not in output and "state_dict" not in output
+
+
+@pytest.mark.parametrize(
+    "damage, words", [("empty", "is an empty file"), ("truncated", "not a readable PyTorch")]
+)
+def test_empty_or_truncated_weights_are_named_as_such(tiny_runs, monkeypatch, tmp_path, damage, words):
+    import shutil
+
+    monkeypatch.chdir(tiny_runs["repo"])
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(tiny_runs["runs"]["cg_samr"], run_dir)
+    weights = run_dir / "models" / "model.pt"
+    weights.write_bytes(b"" if damage == "empty" else weights.read_bytes()[:200])
+    code, output = _synthesize(tiny_runs, run_dir)
+    assert code == 2
+    _one_clean_error(output, str(weights), words)
+
+
+def test_a_model_built_with_other_settings_names_the_difference(tiny_runs, monkeypatch):
+    monkeypatch.chdir(tiny_runs["repo"])
+    code, output = _run("synthesize", "--output-dir", str(tiny_runs["runs"]["cg_samr"]), "--set",
+                        *[f"{k}={json.dumps(v)}" for k, v in {**TINY_SYNTHESIS, "base_width": 8}.items()],
+                        f"cache_dir={tiny_runs['cache']}")  # fmt: skip
+    assert code == 2
+    _one_clean_error(output, "built with other settings", "reshaped", "base_width")
+
+
+def test_an_inference_mask_with_non_integer_values_is_refused(tiny_runs, monkeypatch, tmp_path):
+    import nibabel as nib
+
+    from medsynth.data.cohort import resolve_cohort
+
+    monkeypatch.chdir(tiny_runs["repo"])
+    manifest = resolve_cohort(
+        "", tiny_runs["cache"], phantom_patients=3, phantom_shape=(40, 40, 6), progress=False
+    )
+    source = nib.load(manifest.iloc[0]["label"])
+    data = source.get_fdata().astype(np.float32)
+    data[data == 2] = 1.5
+    mask = tmp_path / "mask_1_5.nii.gz"
+    nib.save(nib.Nifti1Image(data, source.affine), mask)
+    code, output = _synthesize(tiny_runs, tiny_runs["runs"]["cg_samr"], "--mask-file", str(mask))
+    assert code == 2
+    _one_clean_error(output, "mask_1_5.nii.gz", "non-integer values [1.5]")
+    assert not (tmp_path / "inference_out").exists()

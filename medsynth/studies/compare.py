@@ -195,9 +195,11 @@ def _network_and_dataset(run: ComparedRun, dataset_dir: str | None, split: str, 
     if dataset_dir is not None:
         settings["dataset_dir"] = dataset_dir
     parser.update(settings)
-    network = parser.get_parsed_content("network_def")
-    state = torch.load(run.run_dir / "models" / "model.pt", map_location="cpu", weights_only=True)
-    network.load_state_dict(state)
+    from medsynth.utils.checkpoints import load_checked_weights
+
+    network = load_checked_weights(
+        parser.get_parsed_content("network_def"), run.run_dir / "models" / "model.pt"
+    )
     return (
         network.eval(),
         parser.get_parsed_content("validate#dataset"),

@@ -249,7 +249,9 @@ class SyntheticCohortBuilder:
                 else "train the bundle first"
             )
             raise FileNotFoundError(f"weights not found: {path} ({hint})")
-        module.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        from medsynth.utils.checkpoints import load_checked_weights
+
+        load_checked_weights(module, path, "segmenter" if module is self.segmenter else "synthesis model")
         module.to(self.device).eval()
 
     def _prepare(self) -> None:
