@@ -194,3 +194,29 @@ def test_an_inference_mask_with_non_integer_values_is_refused(tiny_runs, monkeyp
     assert code == 2
     _one_clean_error(output, "mask_1_5.nii.gz", "non-integer values [1.5]")
     assert not (tmp_path / "inference_out").exists()
+
+
+def test_brats_folders_without_seg_and_unmatched_files_are_listed_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    for case in ("a", "b"):
+        write_tiny_brats_case(tmp_path / "brats", case, rng)
+    _, files = write_tiny_brats_case(tmp_path / "brats", "no_seg", rng)
+    Path(files["seg"]).unlink()
+    extra = tmp_path / "brats" / "a" / "a_T2_TSE_axial.nii.gz"
+    extra.write_bytes(Path(files["t2w"]).read_bytes())
+    code, output = _run("cohort", str(tmp_path / "brats"), "--cache-dir", str(tmp_path / "cache"),
+                        "--split-fractions", "0.5", "0", "0.5")  # fmt: skip
+    assert code == 0, output[-2000:]
+    assert "1 folder(s) without a <case>_seg.nii.gz are left out of the cohort: no_seg" in output
+    assert "match no BraTS sequence" in output and "a/a_T2_TSE_axial.nii.gz" in output
+
+
+def test_the_temporary_files_of_a_killed_write_are_removed_by_the_next_write(tmp_path):
+    target = tmp_path / "P001_t1w.nii.gz"
+    leftover = tmp_path / ".P001_t1w.nii.gz.k1ll3d.nii.gz"  # what a kill during save_nifti leaves
+    leftover.write_bytes(b"half")
+    other = tmp_path / ".P002_t1w.nii.gz.busy.nii.gz"  # another file's temporary: not touched
+    other.write_bytes(b"x")
+    save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), target)
+    assert target.is_file() and not leftover.exists() and other.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, target.name]

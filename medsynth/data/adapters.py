@@ -263,6 +263,24 @@ def find_brats_cases(directory: str | os.PathLike) -> dict[str, dict[str, str]]:
     return cases
 
 
+def brats_leftovers(directory: str | os.PathLike) -> tuple[list[str], list[str]]:
+    """What :func:`find_brats_cases` leaves out of a BraTS folder: sub-folders holding NIfTI files but
+    no ``<case>_seg`` (not cases), and NIfTI files of cases whose name matches no sequence or ``seg``."""
+    directory = Path(directory)
+    cases = find_brats_cases(directory)
+    known = {path for files in cases.values() for path in files.values()}
+    without_seg, unmatched = [], []
+    for case_dir in sorted(p for p in directory.iterdir() if p.is_dir()):
+        niftis = [f for f in sorted(case_dir.iterdir()) if _strip_nifti_suffix(f.name) is not None]
+        if not niftis:
+            continue
+        if case_dir.name not in cases:
+            without_seg.append(case_dir.name)
+        else:
+            unmatched += [f"{case_dir.name}/{f.name}" for f in niftis if str(f) not in known]
+    return without_seg, unmatched
+
+
 def is_brats_layout(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` has at least one ``<case>/<case>_seg.nii[.gz]`` case folder."""
     return bool(find_brats_cases(directory))
@@ -290,6 +308,21 @@ def brats_cohort(
     if not cases:
         raise FileNotFoundError(
             f"{brats_dir}: no BraTS case found (expected <case>/<case>_{{t1,t1ce,t2,flair,seg}}.nii.gz)"
+        )
+    without_seg, unmatched = brats_leftovers(brats_dir)
+    if without_seg:
+        logger.warning(
+            "%s: %d folder(s) without a <case>_seg.nii.gz are left out of the cohort: %s",
+            brats_dir,
+            len(without_seg),
+            ", ".join(without_seg[:10]),
+        )
+    if unmatched:
+        logger.warning(
+            "%s: %d file(s) match no BraTS sequence (t1, t1ce, t2, flair) nor seg and are ignored: %s",
+            brats_dir,
+            len(unmatched),
+            ", ".join(unmatched[:10]),
         )
     sequences = BRATS_SEQUENCES
     convention = label_convention_of(label_convention)

@@ -7,6 +7,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from glob import escape as glob_escape
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
     The temporary name keeps the final suffixes (``.nii.gz``, ``.png``) so that writers which
     infer the format from the name work unchanged. On any exception the temporary file is removed
-    and ``path`` is left as it was.
+    and ``path`` is left as it was. A kill leaves no chance to remove it: the temporary files a
+    killed writer of the same ``path`` left behind are removed by the next write of it (one target
+    has one writer at a time here: the cohort cache is locked, workers write distinct files).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
+    for leftover in path.parent.glob(f".{glob_escape(path.name)}.*{glob_escape(suffix)}"):
+        leftover.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
