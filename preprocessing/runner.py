@@ -274,6 +274,45 @@ def _build_atlas(
     return {s: str((out_dir / "work" / "atlas" / rel).resolve()) for s, rel in rec.outputs.items()}
 
 
+def cohort_sequences(
+    sequences_by_patient: Mapping[str, Sequence[str]],
+) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
+    """The cohort's sequences from what each patient has: ``(kept, lacking, dropped)``.
+
+    A sequence at least half the patients have is the cohort's (``kept``, in the project's order); a
+    patient lacking one of them is refused (``lacking``: patient -> the kept sequences it lacks),
+    rather than silently taking the sequence out of everyone's atlas; a sequence fewer than half have
+    is left out of the cohort (``dropped``: sequence -> the patients that have it).
+    """
+    count = len(sequences_by_patient)
+    held = {s: [p for p, seqs in sequences_by_patient.items() if s in seqs] for s in CLINICAL_SEQUENCES}
+    kept = [s for s in CLINICAL_SEQUENCES if held[s] and 2 * len(held[s]) >= count]
+    dropped = {s: holders for s, holders in held.items() if holders and s not in kept}
+    lacking = {p: [s for s in kept if s not in seqs] for p, seqs in sequences_by_patient.items()}
+    return kept, {p: missing for p, missing in lacking.items() if missing}, dropped
+
+
+def _apply_cohort_sequences(summaries: dict[str, dict[str, Any]], failures: dict[str, str]) -> None:
+    """Refuse the patients lacking one of the cohort's sequences and leave the rare ones out (said once)."""
+    kept, lacking, dropped = cohort_sequences({p: s["sequences"] for p, s in summaries.items()})
+    for sequence, holders in dropped.items():
+        logger.warning(
+            "%s is left out of the cohort: only %d of %d patient(s) have it (%s)",
+            sequence,
+            len(holders),
+            len(summaries),
+            ", ".join(holders[:10]),
+        )
+    for pid, missing in lacking.items():
+        failures[pid] = (
+            f"lacks {', '.join(missing)}, which the other patients have: add the series, or leave the "
+            "patient out of --input"
+        )
+        summaries.pop(pid)
+    for summary in summaries.values():
+        summary["sequences"] = [s for s in summary["sequences"] if s in kept]
+
+
 def _require_separate_folders(input_dir: Path, out_dir: Path) -> None:
     """The output must be neither the input nor inside it (nor hold it): a rerun would take the
     outputs (``atlas/``, ``qc/``, ``work/``) for patients."""
@@ -321,6 +360,7 @@ def run_cohort(
             else:
                 failures[record["patient_id"]] = record["error"]
                 logger.debug(record["traceback"])
+        _apply_cohort_sequences(summaries, failures)
         train = [summaries[p] for p in ids if p in summaries and splits[p] == "train"]
         finals: dict[str, dict[str, Any]] = {}
         if not train:

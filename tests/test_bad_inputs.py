@@ -220,3 +220,15 @@ def test_the_temporary_files_of_a_killed_write_are_removed_by_the_next_write(tmp
     save_nifti(np.zeros((2, 2, 2), np.float32), np.eye(4), target)
     assert target.is_file() and not leftover.exists() and other.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, target.name]
+
+
+def test_preprocessing_refuses_a_patient_lacking_a_sequence_the_others_have():
+    from preprocessing.runner import cohort_sequences
+
+    kept, lacking, dropped = cohort_sequences(
+        {"P1": ["t1w", "flair", "aptw"], "P2": ["t1w", "flair"], "P3": ["t1w", "flair"], "P4": ["t1w"]}
+    )
+    assert kept == ["t1w", "flair"]  # at least half the patients have them
+    assert lacking == {"P4": ["flair"]}  # refused by name, with what it lacks
+    assert dropped == {"aptw": ["P1"]}  # too rare: left out of the cohort, said once
+    assert cohort_sequences({"P1": ["t1w"], "P2": ["t1w"]}) == (["t1w"], {}, {})
