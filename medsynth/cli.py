@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import medsynth
 import medsynth.commands
+from medsynth.utils.errors import INPUT_PROBLEMS
 from medsynth.utils.logging import setup_logging
 
 logger = logging.getLogger("medsynth")
@@ -57,19 +58,9 @@ def run_reporting_input_problems(func, args: argparse.Namespace, debug: bool = F
         problem = _input_problem(error)
         if problem is None or debug:
             raise
-        logger.error("%s", problem)
+        if not getattr(problem, "_medsynth_reported", False):  # an entry point may have said it already
+            logger.error("%s", problem)
         return 2
-
-
-# Problems of the user's input or of the places it names: said in one line, without a traceback.
-INPUT_PROBLEMS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    NotADirectoryError,
-    IsADirectoryError,
-    PermissionError,
-)
 
 
 def _input_problem(error: BaseException) -> BaseException | None:

@@ -37,7 +37,7 @@ from medsynth.constants import (
     atlas_column,
 )
 from medsynth.data.manifest import DEFAULT_SPLIT_FRACTIONS, split_patients, write_manifest
-from medsynth.utils.io import save_json
+from medsynth.utils.io import require_writable_folder, save_json
 from medsynth.utils.parallel import start_client
 from preprocessing.pipeline import (
     ANATOMICAL_SEQUENCES,
@@ -337,7 +337,7 @@ def run_cohort(
     config = config or CohortConfig()
     out_dir = Path(output_dir)
     _require_separate_folders(Path(input_dir), out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    require_writable_folder(out_dir, "--output")
     folders = list_patient_folders(input_dir)
     ids = [f.name for f in folders]
     splits = split_patients(ids, config.split_fractions, config.pipeline.seed)

@@ -232,3 +232,34 @@ def test_preprocessing_refuses_a_patient_lacking_a_sequence_the_others_have():
     assert lacking == {"P4": ["flair"]}  # refused by name, with what it lacks
     assert dropped == {"aptw": ["P1"]}  # too rare: left out of the cohort, said once
     assert cohort_sequences({"P1": ["t1w"], "P2": ["t1w"]}) == (["t1w"], {}, {})
+
+
+def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path):
+    place = Path("/sys/medsynth_cannot_write_here")
+    try:
+        place.mkdir()
+        place.rmdir()
+        pytest.skip("/sys is writable here: no unwritable place to try")
+    except OSError:
+        pass
+    code, output = _run("phantom", "--out", str(place), "--patients", "2", "--shape", "24", "24", "4")
+    assert code == 2
+    _one_clean_error(output, "phantom output folder /sys/medsynth_cannot_write_here cannot be written")
+
+
+def test_a_bundle_run_by_monai_says_the_input_problem_in_one_line_before_monais_traceback(tmp_path):
+    missing = tmp_path / "no_such_dataset"
+    config = "bundles/lesion_seg/configs/train.json"
+    arguments = [
+        "--config_file",
+        config,
+        "--dataset_dir",
+        str(missing),
+        "--output_dir",
+        str(tmp_path / "out"),
+    ]
+    code, output = _run("run", *arguments, module="monai.bundle")
+    assert code != 0
+    ours = [line for line in output.splitlines() if "ERROR" in line and str(missing) in line]
+    assert ours, output[-2000:]
+    assert output.index(ours[0]) < output.index("Traceback")  # said clearly before MONAI's wrapping

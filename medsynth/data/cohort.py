@@ -35,6 +35,7 @@ from medsynth.data.manifest import (
     split_patients,
 )
 from medsynth.data.validation import validate_cohort
+from medsynth.utils.errors import reports_input_problems
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ def _phantom_cohort(
     return read_manifest(manifest_path)
 
 
+@reports_input_problems
 def resolve_cohort(
     dataset_dir: str | os.PathLike | None,
     cache_dir: str | os.PathLike,

@@ -59,6 +59,7 @@ from medsynth.data.manifest import sequences_of
 from medsynth.transforms.intensity import ScaleToUnitd, WindowSpec, windows_for
 from medsynth.transforms.slices import FitInPlaned, axial_slice_stats, neighbour_slices, select_slices
 from medsynth.transforms.volume import load_ras, one_hot_mask, scaled_atlas
+from medsynth.utils.errors import reports_input_problems
 from medsynth.utils.hashing import files_fingerprint, json_digest
 
 logger = logging.getLogger(__name__)
@@ -273,6 +274,7 @@ class SliceDataset(torch.utils.data.Dataset):
         return item
 
 
+@reports_input_problems
 def make_slice_dataset(
     manifest: pd.DataFrame,
     splits: str | Sequence[str],
@@ -401,6 +403,7 @@ def make_slice_dataset(
     return dataset
 
 
+@reports_input_problems
 def make_volume_dataset(
     manifest: pd.DataFrame,
     splits: str | Sequence[str],

@@ -35,6 +35,8 @@ import torch
 from monai.transforms import Compose, Rand2DElasticd, RandFlipd, RandRotated, RandZoomd
 from torch.utils.data import Dataset, Sampler
 
+from medsynth.utils.errors import reports_input_problems
+
 __all__ = [
     "MIXING_MODES",
     "AugmentedCopies",
@@ -260,6 +262,7 @@ class MixingSampler(Sampler[int]):
         return iter(indices.tolist())
 
 
+@reports_input_problems
 def training_mixture(
     real: Dataset,
     synthetic_dir: str = "",

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from medsynth.utils.io import save_json
+from medsynth.utils.io import require_writable_folder, save_json
 
 logger = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ def compare_runs(
     if len(set(names)) != len(names):
         raise ValueError(f"two runs share a folder name {names}; give each method its own folder name")
     _require_same_training(runs)
-    out = Path(out_dir)
+    out = require_writable_folder(out_dir, "comparison folder")
     evaluations = {
         run.name: _evaluate(run, out / run.name, dataset_dir, split, overrides or {}) for run in runs
     }

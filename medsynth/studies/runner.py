@@ -42,7 +42,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from medsynth.utils.io import save_json
+from medsynth.utils.io import require_writable_folder, save_json
 from medsynth.utils.parallel import start_client
 
 logger = logging.getLogger(__name__)
@@ -301,7 +301,7 @@ def run_study(
     spec = StudySpec.read(study_file)
     if out_dir:
         spec.out_dir = out_dir
-    Path(spec.out_dir).mkdir(parents=True, exist_ok=True)
+    require_writable_folder(spec.out_dir, "study folder")
     start = time.perf_counter()
     cells = expand_cells(spec)
     methods = sorted({(c.arm["method"], c.seed) for c in cells if c.arm.get("method")})

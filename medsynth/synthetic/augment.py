@@ -536,7 +536,9 @@ class SyntheticCohortBuilder:
 
     def run(self) -> dict[str, Any]:
         """Make the cohort; returns the summary (also written to ``augment_summary.json``)."""
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        from medsynth.utils.io import require_writable_folder
+
+        require_writable_folder(self.output_dir, "synthetic cohort folder")
         run_start = time.perf_counter()
         self._prepare()  # first: it refuses missing weights before anything is hashed or written
         self._check_run_record()

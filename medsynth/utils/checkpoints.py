@@ -18,6 +18,8 @@ import torch
 from ignite.engine import Engine, Events
 from torch import nn
 
+from medsynth.utils.errors import reports_input_problems
+
 __all__ = ["CheckedCheckpointLoader", "load_checked_weights", "read_weights", "weights_family"]
 
 logger = logging.getLogger(__name__)
@@ -72,6 +74,7 @@ def read_weights(path: str | os.PathLike, role: str = "model") -> Mapping[str, t
     return state
 
 
+@reports_input_problems
 def load_checked_weights(network: nn.Module, path: str | os.PathLike, role: str = "model") -> nn.Module:
     """Load ``path`` into ``network`` after :func:`read_weights`; weights of another network, or of
     the same one built with other settings, are refused with what they are and what would fit."""

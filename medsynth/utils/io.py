@@ -14,6 +14,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from medsynth.utils.errors import reports_input_problems
+
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -85,3 +87,22 @@ def _json_default(value: Any) -> Any:
     if hasattr(value, "tolist"):  # torch tensors (e.g. values that went through a DataLoader)
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+@reports_input_problems
+def require_writable_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+    """Make ``path`` (and its parents) and check that files can be written there, before any work
+    starts; a file in its place or an unwritable place is refused by name."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"{what} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check_"):
+            pass
+    except OSError as error:
+        raise PermissionError(
+            f"{what} {path} cannot be written ({error.strerror or error}): choose another folder or fix "
+            "its permissions"
+        ) from error
+    return path

@@ -33,7 +33,7 @@ from medsynth.data.manifest import DEFAULT_SPLIT_FRACTIONS, split_patients, writ
 from medsynth.data.phantom.acquisition import RawSequence, acquire_raw, acquire_ready
 from medsynth.data.phantom.dicom import write_dicom_series
 from medsynth.data.phantom.patient import DEFAULT_SHAPE, PhantomPatient
-from medsynth.utils.io import atomic_path, save_json, save_nifti
+from medsynth.utils.io import atomic_path, require_writable_folder, save_json, save_nifti
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +120,7 @@ def generate_phantom_cohort(
         "raw_scale": float(raw_scale) if layout == "raw" else None,
         "version": PHANTOM_VERSION,
     }
+    require_writable_folder(out_dir, "phantom output folder")
     _claim_cohort_folder(out_dir, settings)
 
     ids = [patient_id(i) for i in range(int(num_patients))]
