@@ -263,3 +263,29 @@ def test_a_bundle_run_by_monai_says_the_input_problem_in_one_line_before_monais_
     ours = [line for line in output.splitlines() if "ERROR" in line and str(missing) in line]
     assert ours, output[-2000:]
     assert output.index(ours[0]) < output.index("Traceback")  # said clearly before MONAI's wrapping
+
+
+def test_a_truncated_brats_file_is_named_before_anything_is_derived(tmp_path):
+    rng = np.random.default_rng(0)
+    for case in ("a", "b", "c"):
+        _, files = write_tiny_brats_case(tmp_path / "brats", case, rng)
+    broken = Path(files["t1w"])
+    broken.write_bytes(broken.read_bytes()[: len(broken.read_bytes()) // 2])  # a copy that stopped half-way
+    cache = tmp_path / "cache"
+    code, output = _run("cohort", str(tmp_path / "brats"), "--cache-dir", str(cache))
+    assert code == 2
+    _one_clean_error(output, "c_t1.nii.gz", "patient c", "cannot read voxel data")
+    assert not list(cache.rglob("*label*")) and not list(cache.rglob("atlas_*"))  # no half-built cache
+
+
+def test_a_nan_sequence_in_a_csv_cohort_is_named_as_such(tmp_path):
+    manifest = read_manifest(write_tiny_cohort(tmp_path / "data", num_patients=4))
+    csv = tmp_path / "cohort.csv"
+    manifest[["patient_id", "t1w", "gd_t1w", "t2w", "flair", "aptw", "label"]].to_csv(csv, index=False)
+    volume = np.ones((24, 20, 6), np.float32)
+    volume[3, 3, 3] = np.nan
+    save_nifti(volume, np.diag([1.0, 1.0, 2.0, 1.0]), manifest.iloc[2]["flair"])
+    code, output = _run("cohort", str(csv), "--cache-dir", str(tmp_path / "cache"))
+    assert code == 2
+    _one_clean_error(output, manifest.iloc[2]["patient_id"], "flair", "NaN/inf")
+    assert "p99.5" not in output

@@ -52,7 +52,7 @@ from medsynth.data.manifest import (
     split_patients,
     write_manifest,
 )
-from medsynth.data.validation import grid_problem
+from medsynth.data.validation import grid_problem, source_file_problems
 from medsynth.errors import CohortValidationError, InputDataError
 from medsynth.utils.hashing import file_digest, files_fingerprint, parts_digest
 from medsynth.utils.io import save_json, save_nifti
@@ -333,6 +333,9 @@ def brats_cohort(
                 errors.append(
                     InputDataError(f"missing the {key} file of the BraTS case", brats_dir / case, case)
                 )
+    if not errors:  # the files themselves, before any label map or atlas is derived from them
+        for case in tqdm(sorted(cases), desc="checking BraTS files", disable=not progress):
+            errors += source_file_problems(cases[case], case, sequences)
     if errors:
         raise CohortValidationError(errors)
     splits = split_patients(cases, split_fractions, seed)
@@ -521,6 +524,13 @@ def user_csv_cohort(
         table[MANIFEST_BRAIN_MASK_COLUMN] = ""
     declared = table[LABEL_CONVENTION_COLUMN] if LABEL_CONVENTION_COLUMN in table.columns else None
     errors = []
+    for _, row in table.iterrows():  # the files themselves, before anything is derived from them
+        files = {
+            c: row[c] for c in (*sequences, MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN) if c in row
+        }
+        errors += source_file_problems(files, str(row["patient_id"]), sequences)
+    if errors:
+        raise CohortValidationError(errors)
     for index, row in table.iterrows():
         spec = (
             str(declared[index]).strip()

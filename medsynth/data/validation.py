@@ -102,6 +102,33 @@ def _constant_problem(data: np.ndarray, column: str) -> str | None:
     return None
 
 
+def source_file_problems(
+    files: Mapping[str, str], patient_id: str, sequences: Sequence[str]
+) -> list[InputDataError]:
+    """The per-file checks of :func:`validate_patient` on a patient's source files (``column ->
+    path``) before anything is derived from them: readable header and voxels (a truncated file is
+    named), finite values, sequences not constant. The adapters (BraTS, CSV) run it first, so that
+    a bad file gets the same message whatever the source, and no half-derived cache is left."""
+    errors: list[InputDataError] = []
+    for column, path in files.items():
+        if not path:
+            continue
+        image, problems = _load_header(str(path), column, patient_id)
+        errors += problems
+        if image is None:
+            continue
+        data, problems = _read_data(image, str(path), column, patient_id)
+        errors += problems
+        if data is None:
+            continue
+        problem = _nonfinite_problem(data, column)
+        if problem is None and column in sequences:
+            problem = _constant_problem(data, column)
+        if problem:
+            errors.append(InputDataError(problem, str(path), patient_id))
+    return errors
+
+
 def check_shared_file(path: str, column: str) -> list[InputDataError]:
     """Header and data checks of a file that several patients share (an atlas volume)."""
     image, errors = _load_header(path, column, None)
@@ -265,6 +292,7 @@ __all__ = [
     "check_shared_file",
     "cohort_fingerprint",
     "grid_problem",
+    "source_file_problems",
     "validate_cohort",
     "validate_patient",
 ]
