@@ -203,8 +203,16 @@ def discover_exam(folder: str | os.PathLike, label_globs: Sequence[str] = Pipeli
             label = matches[0]
             break
     ignored = [n for n in ignored if label is None or n != label.name]
-    if ignored:
-        logger.debug("%s: ignored %s", patient_id, ignored)
+    images = [n for n in ignored if n.lower().endswith(_NIFTI) or (folder / n).is_dir()]
+    if images:  # image data under a name no role matches: say it, it may be a sequence misnamed
+        logger.warning(
+            "%s: %s match(es) no sequence role and is ignored (name a sequence t1w, t1c, t2w, flair or "
+            "aptw; aliases such as t1, t1ce, t2 are accepted)",
+            patient_id,
+            ", ".join(images),
+        )
+    if set(ignored) - set(images):
+        logger.debug("%s: ignored %s", patient_id, sorted(set(ignored) - set(images)))
     if not sequences:
         raise InputDataError(
             "no sequence found (expected <seq>.nii.gz files or <seq>/ DICOM folders, e.g. t1c.nii.gz, "

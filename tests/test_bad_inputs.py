@@ -289,3 +289,18 @@ def test_a_nan_sequence_in_a_csv_cohort_is_named_as_such(tmp_path):
     assert code == 2
     _one_clean_error(output, manifest.iloc[2]["patient_id"], "flair", "NaN/inf")
     assert "p99.5" not in output
+
+
+def test_a_raw_exam_file_named_unexpectedly_is_listed_with_a_warning(tmp_path, caplog):
+    from preprocessing.pipeline import discover_exam
+
+    patient = tmp_path / "P001"
+    patient.mkdir()
+    for name in ("t1c.nii.gz", "flair.nii.gz", "T2_TSE_axial.nii.gz", "notes.txt"):
+        (patient / name).write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        exam = discover_exam(patient)
+    assert list(exam.sequences) == ["gd_t1w", "flair"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "P001: T2_TSE_axial.nii.gz match(es) no sequence role" in warnings[0]
+    assert "notes.txt" not in warnings[0]
