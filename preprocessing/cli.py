@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     d2n.add_argument("output", help="output folder")
     d2n.add_argument("--series-number", type=int, default=None)
     d2n.add_argument("--overwrite", action="store_true")
+    d2n.add_argument(
+        "--free-text",
+        action="store_true",
+        help="copy SeriesDescription and ProtocolName into the sidecars and name files by protocol "
+        "(free-text fields sites may fill with names; off by default: files are named by series number)",
+    )
     d2n.set_defaults(func=_dicom2nifti)
     return parser
 
@@ -108,8 +114,14 @@ def _run(args: argparse.Namespace) -> int:
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from preprocessing.dicom import convert_series
 
+    template = "{series_number}_{protocol_name}" if args.free_text else "series_{series_number}"
     written = convert_series(
-        args.input, args.output, series_number=args.series_number, overwrite=args.overwrite
+        args.input,
+        args.output,
+        series_number=args.series_number,
+        overwrite=args.overwrite,
+        name_template=template,
+        free_text=args.free_text,
     )
     for path in written:
         print(path)

@@ -14,7 +14,9 @@ orthogonal volumes towards RAS; both describe the same voxels in world space).
 
 The JSON sidecar holds acquisition parameters from an allow-list only (BIDS names and units: times in
 seconds); patient, institution, date and UID fields can never reach it, and log messages only name
-folders and counts.
+folders and counts. SeriesDescription and ProtocolName are free text that sites fill with anything,
+names included: they reach the sidecar, file names and messages only with ``free_text=True``
+(``dicom2nifti --free-text``); series are otherwise referred to by number.
 """
 
 from __future__ import annotations
@@ -90,6 +92,11 @@ SIDECAR_FIELDS: dict[str, tuple[str, float | None]] = {
 }
 
 
+# Header fields whose values are free text (they may hold names): out of sidecars, names and
+# messages unless the user asks for them.
+FREE_TEXT_FIELDS = frozenset({"SeriesDescription", "ProtocolName"})
+
+
 @dataclass(frozen=True)
 class SeriesInfo:
     """One series found in a folder (no patient or study identifiers)."""
@@ -100,7 +107,7 @@ class SeriesInfo:
     n_files: int
 
     def __str__(self) -> str:
-        return f"series {self.series_number} {self.series_description!r} ({self.n_files} files)"
+        return f"series {self.series_number} ({self.n_files} files)"  # no free text in messages
 
 
 @dataclass
@@ -188,7 +195,8 @@ def _select(
             path=folder,
         )
     raise InputDataError(
-        f"{len(candidates)} series match; choose one with series_number or series_description: {available}",
+        f"{len(candidates)} series are mixed in this folder ({available}): keep one series per sequence "
+        "folder, or convert one with dicom2nifti --series-number",
         path=folder,
     )
 
@@ -353,9 +361,11 @@ def _jsonable(value: Any, scale: float | None) -> Any:
     return str(value)
 
 
-def _sidecar(dataset: pydicom.Dataset, n_slices: int) -> dict[str, Any]:
+def _sidecar(dataset: pydicom.Dataset, n_slices: int, free_text: bool = False) -> dict[str, Any]:
     sidecar: dict[str, Any] = {}
     for keyword, (name, scale) in SIDECAR_FIELDS.items():
+        if keyword in FREE_TEXT_FIELDS and not free_text:
+            continue
         value = dataset.get(keyword)
         if value is None or value == "":
             continue
@@ -370,6 +380,7 @@ def read_dicom_series(
     series_number: int | None = None,
     series_description: str | None = None,
     slice_spacing: str = "first_pair",
+    free_text: bool = False,
 ) -> tuple[nib.Nifti1Image, dict[str, Any]]:
     """Read one DICOM series into a NIfTI image and an acquisition-parameter sidecar.
 
@@ -382,6 +393,7 @@ def read_dicom_series(
             the dcm2niix and ITK convention, the default for interoperability) or ``"fit"``
             (least-squares line through all positions; averages out the ~1e-4 mm rounding of
             ImagePositionPatient, which ``first_pair`` multiplies by the number of slices).
+        free_text: copy SeriesDescription and ProtocolName into the sidecar (:data:`FREE_TEXT_FIELDS`).
 
     Returns:
         ``(image, sidecar)``: voxels in DICOM order (column, row, slice along the normal), RAS affine;
@@ -410,7 +422,7 @@ def read_dicom_series(
         data.shape,
         tuple(round(float(z), 3) for z in image.header.get_zooms()[:3]),
     )
-    return image, _sidecar(slices[0].dataset, len(slices))
+    return image, _sidecar(slices[0].dataset, len(slices), free_text)
 
 
 def _safe_name(text: str) -> str:
@@ -422,9 +434,10 @@ def convert_series(
     out_dir: str | os.PathLike,
     series_number: int | None = None,
     series_description: str | None = None,
-    name_template: str = "{series_number}_{protocol_name}",
+    name_template: str = "series_{series_number}",
     overwrite: bool = False,
     slice_spacing: str = "first_pair",
+    free_text: bool = False,
 ) -> list[Path]:
     """Convert the selected series (all series when no selection) to ``.nii.gz`` + ``.json``.
 
@@ -435,14 +448,21 @@ def convert_series(
         out_dir: output folder.
         series_number: convert only this series.
         series_description: convert only the series with this description.
-        name_template: file stem, formatted with the fields of :class:`SeriesInfo`.
+        name_template: file stem, formatted with the fields of :class:`SeriesInfo`; the free-text
+            fields (``series_description``, ``protocol_name``) need ``free_text``.
         overwrite: rewrite outputs that already exist.
         slice_spacing: see :func:`read_dicom_series`.
+        free_text: allow SeriesDescription and ProtocolName in the sidecars and names.
 
     Returns:
         The written (or already present) paths, NIfTI then JSON per series.
     """
     folder, out_dir = Path(folder), Path(out_dir)
+    if not free_text and ("{series_description" in name_template or "{protocol_name" in name_template):
+        raise ValueError(
+            f"name_template {name_template!r} uses free-text header fields, which may hold names: "
+            "allow them with free_text=True (dicom2nifti --free-text) or name files by series number"
+        )
     if series_number is None and series_description is None:
         targets = list_series(folder)
     else:
@@ -460,6 +480,7 @@ def convert_series(
                 series_number=info.series_number,
                 series_description=info.series_description,
                 slice_spacing=slice_spacing,
+                free_text=free_text,
             )
             with atomic_path(nifti_path) as tmp:
                 nib.save(image, tmp)

@@ -27,6 +27,17 @@ STUDY_DATE = "20240229"
 INSTITUTION = "Saint Example Hospital"
 ACCESSION = "ACC-55731"
 IDENTIFIERS = (PATIENT_NAME, "Doe", PATIENT_ID, BIRTH_DATE, STUDY_DATE, INSTITUTION, ACCESSION)
+# Further identifying or free-text header fields a site may fill with names.
+FREE_TEXT_AND_PEOPLE = (
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "OperatorsName",
+    "StudyDescription",
+    "ImageComments",
+    "StationName",
+    "InstitutionAddress",
+    "RequestingPhysician",
+)
 
 
 def _rotation(rx: float, ry: float, rz: float) -> np.ndarray:
@@ -121,7 +132,7 @@ def test_reference_series_match_dcm2niix(dicom_dir):
     series = list_series(dicom_dir / "In")
     assert [s.series_number for s in series] == [1001, 5001, 6001]
     for info in series:
-        image, sidecar = read_dicom_series(dicom_dir / "In", series_number=info.series_number)
+        image, sidecar = read_dicom_series(dicom_dir / "In", series_number=info.series_number, free_text=True)
         stem = f"{info.series_number}_{info.protocol_name}"
         reference = nib.load(dicom_dir / "Ref" / f"{stem}.nii.gz")
         ours, theirs = nib.as_closest_canonical(image), nib.as_closest_canonical(reference)
@@ -183,7 +194,7 @@ def test_oblique_gzipped_shuffled_series_geometry_and_rescale(tmp_path, caplog):
         )
         np.testing.assert_allclose(_world_lps(image.affine, ijk), expected, atol=1e-4)
     assert sidecar["EchoTime"] == pytest.approx(0.0125) and sidecar["RepetitionTime"] == pytest.approx(2.3)
-    assert sidecar["SeriesDescription"] == "t1_axial" and sidecar["NumberOfSlices"] == 6
+    assert "SeriesDescription" not in sidecar and sidecar["NumberOfSlices"] == 6  # free text: only when asked
     text = json.dumps(sidecar) + "\n".join(r.getMessage() for r in caplog.records)
     for identifier in IDENTIFIERS + ("1.2.3.4.5.6",):
         assert identifier not in text
@@ -234,9 +245,10 @@ def test_several_series_selection_and_ambiguity(tmp_path):
         (3, "t1_axial", 6),
         (7, "flair_ax", 4),
     ]
-    with pytest.raises(InputDataError, match="2 series match") as err:
+    with pytest.raises(InputDataError, match="2 series are mixed in this folder") as err:
         read_dicom_series(tmp_path / "exam")
-    assert "t1_axial" in str(err.value) and "flair_ax" in str(err.value)
+    assert "series 3 (6 files)" in str(err.value) and "series 7 (4 files)" in str(err.value)
+    assert "t1_axial" not in str(err.value) and "--series-number" in str(err.value)
     assert read_dicom_series(tmp_path / "exam", series_number=7)[0].shape == (12, 10, 4)
     assert read_dicom_series(tmp_path / "exam", series_description="t1_axial")[0].shape == (12, 10, 6)
     with pytest.raises(InputDataError, match="no series matches"):
@@ -249,12 +261,13 @@ def test_convert_series_writes_nifti_and_clean_json(tmp_path, caplog):
     write_series(tmp_path / "exam", _volume(shape=(12, 10, 4), seed=5), series_number=7, description="flair")
     with caplog.at_level(logging.DEBUG):
         paths = convert_series(tmp_path / "exam", tmp_path / "out")
-    assert [p.name for p in paths] == [
-        "3_t1_axial_post.nii.gz",
-        "3_t1_axial_post.json",
-        "7_flair.nii.gz",
-        "7_flair.json",
-    ]
+    assert [p.name for p in paths] == ["series_3.nii.gz", "series_3.json", "series_7.nii.gz", "series_7.json"]
+    by_protocol = "{series_number}_{protocol_name}"
+    named = convert_series(tmp_path / "exam", tmp_path / "named", name_template=by_protocol, free_text=True)
+    assert [p.name for p in named][::2] == ["3_t1_axial_post.nii.gz", "7_flair.nii.gz"]
+    assert json.loads(named[1].read_text())["SeriesDescription"] == "t1 axial/post"
+    with pytest.raises(ValueError, match="free-text header fields"):
+        convert_series(tmp_path / "exam", tmp_path / "x", name_template="{protocol_name}")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(
         p.name for p in paths
     )  # no temp left
@@ -339,3 +352,52 @@ def test_load_image_errors(tmp_path):
         load_image(tmp_path / "four_d.nii.gz")
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 1), np.int16), np.eye(4)), tmp_path / "singleton.nii.gz")
     assert load_image(tmp_path / "singleton.nii.gz").shape == (4, 4, 4)
+
+
+def test_no_free_text_or_identifier_leaves_the_dicom_entry_points(tmp_path):
+    """Identifiers planted in every identifying and free-text field (private tags included) reach no
+    output file, name or message of ``python -m preprocessing dicom2nifti``, nor its refusal of mixed
+    series; with ``--free-text`` the descriptions (and only they) come through, as documented."""
+    import subprocess
+    import sys
+
+    planted = "PLANTED_Jane_Roe"
+    for number in (3, 7):
+        write_series(
+            tmp_path / "exam", _volume(seed=number), series_number=number, description=f"{planted}_{number}"
+        )
+    for path in (tmp_path / "exam").rglob("*.dcm*"):
+        if path.suffix == ".gz":
+            continue
+        ds = pydicom.dcmread(path)
+        for keyword in FREE_TEXT_AND_PEOPLE:
+            setattr(ds, keyword, f"{planted} {keyword}")
+        block = ds.private_block(0x0011, "ACME PRIVATE", create=True)
+        block.add_new(0x01, "LO", f"{planted} private")
+        ds.save_as(path)
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(*argv: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "preprocessing", *argv], cwd=repo, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        return f"{result.returncode}\n{result.stdout}{result.stderr}"
+
+    out = tmp_path / "out"
+    printed = run("dicom2nifti", str(tmp_path / "exam"), str(out))
+    assert printed.startswith("0\n"), printed[-2000:]
+    texts = [printed] + [p.read_text() for p in out.glob("*.json")]
+    names = [p.name for p in out.iterdir()]
+    assert sorted(names) == ["series_3.json", "series_3.nii.gz", "series_7.json", "series_7.nii.gz"]
+    for identifier in (planted, *IDENTIFIERS):
+        assert not any(identifier in text for text in texts), identifier
+        assert not any(identifier in name for name in names)
+    for nifti in out.glob("*.nii.gz"):
+        assert planted.encode() not in gzip.decompress(nifti.read_bytes())  # no header text either
+    with_text = tmp_path / "with_text"
+    printed = run("dicom2nifti", str(tmp_path / "exam"), str(with_text), "--free-text")
+    sidecars = " ".join(p.read_text() for p in with_text.glob("*.json"))
+    assert (
+        f"{planted}_3" in sidecars
+        and f"{planted} private" not in sidecars
+        and "StudyDescription" not in sidecars
+    )
