@@ -279,14 +279,15 @@ def cohort_sequences(
 ) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
     """The cohort's sequences from what each patient has: ``(kept, lacking, dropped)``.
 
-    A sequence at least half the patients have is the cohort's (``kept``, in the project's order); a
+    A sequence more than half the patients have is the cohort's (``kept``, in the project's order); a
     patient lacking one of them is refused (``lacking``: patient -> the kept sequences it lacks),
-    rather than silently taking the sequence out of everyone's atlas; a sequence fewer than half have
-    is left out of the cohort (``dropped``: sequence -> the patients that have it).
+    rather than silently taking the sequence out of everyone's atlas; a sequence at most half have
+    is left out of the cohort (``dropped``: sequence -> the patients that have it); at a tie the
+    patients are kept and the sequence is dropped.
     """
     count = len(sequences_by_patient)
     held = {s: [p for p, seqs in sequences_by_patient.items() if s in seqs] for s in CLINICAL_SEQUENCES}
-    kept = [s for s in CLINICAL_SEQUENCES if held[s] and 2 * len(held[s]) >= count]
+    kept = [s for s in CLINICAL_SEQUENCES if held[s] and 2 * len(held[s]) > count]
     dropped = {s: holders for s, holders in held.items() if holders and s not in kept}
     lacking = {p: [s for s in kept if s not in seqs] for p, seqs in sequences_by_patient.items()}
     return kept, {p: missing for p, missing in lacking.items() if missing}, dropped

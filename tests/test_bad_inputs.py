@@ -228,10 +228,12 @@ def test_preprocessing_refuses_a_patient_lacking_a_sequence_the_others_have():
     kept, lacking, dropped = cohort_sequences(
         {"P1": ["t1w", "flair", "aptw"], "P2": ["t1w", "flair"], "P3": ["t1w", "flair"], "P4": ["t1w"]}
     )
-    assert kept == ["t1w", "flair"]  # at least half the patients have them
+    assert kept == ["t1w", "flair"]  # more than half the patients have them
     assert lacking == {"P4": ["flair"]}  # refused by name, with what it lacks
     assert dropped == {"aptw": ["P1"]}  # too rare: left out of the cohort, said once
     assert cohort_sequences({"P1": ["t1w"], "P2": ["t1w"]}) == (["t1w"], {}, {})
+    # A tie keeps the patients: the sequence half of them have is dropped.
+    assert cohort_sequences({"P1": ["t1w", "aptw"], "P2": ["t1w"]}) == (["t1w"], {}, {"aptw": ["P1"]})
 
 
 def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path):
@@ -304,3 +306,36 @@ def test_a_raw_exam_file_named_unexpectedly_is_listed_with_a_warning(tmp_path, c
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "P001: T2_TSE_axial.nii.gz match(es) no sequence role" in warnings[0]
     assert "notes.txt" not in warnings[0]
+
+
+def test_weights_saved_by_an_older_release_still_load_through_the_check(tmp_path):
+    """The generators rename medsynth 0.1's parameter names when loading; the check must let them."""
+    import torch
+
+    from medsynth.networks import CGSAMRGenerator, SynthesisInferenceNetwork
+    from medsynth.utils.checkpoints import load_checked_weights
+
+    torch.manual_seed(0)
+    source = SynthesisInferenceNetwork(
+        CGSAMRGenerator(5, base_width=4, num_res_blocks=1), with_confidence=True
+    )
+    renames = {
+        "encoder.mask_encoder.": "mask_encoder.",
+        "trunk.": "res_blocks.",
+        "decoder.branches.": "branches.",
+    }
+    old_style = {}
+    for key, value in source.state_dict().items():
+        for new, old in renames.items():
+            if key.startswith(f"generator.{new}"):
+                key = f"generator.{old}{key[len('generator.') + len(new) :]}"
+                break
+        old_style[key] = value
+    assert old_style.keys() != source.state_dict().keys()
+    torch.save(old_style, tmp_path / "model.pt")
+    target = SynthesisInferenceNetwork(
+        CGSAMRGenerator(5, base_width=4, num_res_blocks=1), with_confidence=True
+    )
+    load_checked_weights(target, tmp_path / "model.pt")
+    for key, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[key], value), key

@@ -68,6 +68,10 @@ def test_compare_writes_tables_i_and_v_and_the_figure(trained, tiny_phantom_cach
     stamp = (tmp_path / "cmp" / "cg_samr" / "table1_test_cases.csv").stat().st_mtime_ns
     compare_runs(specs, tmp_path / "cmp", overrides=overrides, figure=False)
     assert (tmp_path / "cmp" / "cg_samr" / "table1_test_cases.csv").stat().st_mtime_ns == stamp  # read back
+    compare_runs(specs, tmp_path / "cmp", overrides={**overrides, "num_samples": 1}, figure=False)
+    assert (
+        tmp_path / "cmp" / "cg_samr" / "table1_test_cases.csv"
+    ).stat().st_mtime_ns != stamp  # other settings
 
 
 def test_runs_of_another_cohort_or_split_are_refused_by_name(trained, tmp_path, capfd):

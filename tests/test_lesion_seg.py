@@ -106,6 +106,7 @@ def test_classic_augmentation_copies_are_deterministic_per_index_and_keep_label_
     first, again = copies[5], copies[5]
     torch.testing.assert_close(first["image"], again["image"])
     assert first["image"].shape == (2, 16, 16) and set(first["label"].unique().tolist()) <= {0, 2}
+    assert type(first["image"]) is torch.Tensor  # plain, like the real items, so mixed batches collate
     changed = [not torch.equal(copies[i]["label"], Items(3, 0.5)[0]["label"]) for i in range(7)]
     assert any(changed)  # the copies are augmented, not repeated
 
@@ -234,3 +235,26 @@ def test_under_ddp_the_ranks_together_draw_the_single_process_order_step_by_step
         assert interleaved[:17] == list(single) and interleaved[17] == interleaved[0]
     with pytest.raises(ValueError, match="rank 3"):
         MixingSampler(dataset, 7, mode, num_replicas=3, rank=3)
+
+
+def test_the_bundle_moves_the_mixing_sampler_through_its_epochs(tmp_path):
+    """MONAI sets the epoch only of a DistributedSampler: the bundle's SamplerEpochSetter does it for
+    the mixing sampler, so synthetic_first pre-trains on the extra instances, then fine-tunes on the
+    real ones (50 %: one epoch of each over two epochs)."""
+    from ignite.engine import Events
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(_configs("train.json"))
+    parser.update({**TINY, "num_epochs": 2, "val_interval": 2, "output_dir": str(tmp_path / "out"),
+                   "cache_dir": str(tmp_path / "cache"), "classic_augmentation": True,
+                   "synthetic_percent": 50, "mixing_mode": "synthetic_first"})  # fmt: skip
+    trainer = parser.get_parsed_content("train#trainer")
+    sources: dict[int, set] = {}
+
+    def record(engine):  # the trainer decollates the batch into items after the iteration
+        sources.setdefault(engine.state.epoch, set()).update(item["source"] for item in engine.state.batch)
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, record)
+    trainer.run()
+    assert sources == {1: {"classic_augmentation"}, 2: {"real"}}

@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--runs", nargs="+", required=True, metavar="RUN[=BUNDLE]", help="training output folders"
     )
     parser.add_argument(
-        "--dataset-dir", default=None, help="the cohort to score (default: the training cohort)"
+        "--dataset-dir",
+        default=None,
+        help="the cohort to score; give the training cohort's folder for runs not trained on the phantom "
+        "(default: the bundles' dataset_dir, the phantom); training settings such as image_size go in --set",
     )
     parser.add_argument("--split", default="test", help="train, val, test or all (default: %(default)s)")
     parser.add_argument("--out", default="runs/compare", help="output folder (default: %(default)s)")

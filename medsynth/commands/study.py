@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="DIR",
         help="instead of running the study, score every case of the cohort DIR with its finished cells' "
-        "models (report in OUT/report_<cohort>)",
+        "models (report in OUT/report_<cohort>_<digest>)",
     )
     parser.add_argument(
         "--cells", nargs="*", default=None, metavar="ARM/seedK", help="with --score-cohort: only these cells"

@@ -15,7 +15,9 @@ chosen number of extra ones, in one of the modes:
   every step of one source comes before any of the other (pre-training, then fine-tuning); each
   source gets iteration steps in proportion to its amount.
 
-The sampler follows ``DistributedSampler``'s protocol (``set_epoch``; MONAI's trainers call it) and
+The sampler follows ``DistributedSampler``'s protocol (``set_epoch``, zero-based; MONAI's workflows
+call it only for a ``DistributedSampler``, so the bundle attaches
+:class:`medsynth.engines.SamplerEpochSetter`) and
 shards like it under DDP (``num_replicas``, ``rank``): every process takes every ``num_replicas``-th
 index of the same global order, so the ranks together draw the single-process run's instances, in
 its order, step by step.
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.transforms import Compose, Rand2DElasticd, RandFlipd, RandRotated, RandZoomd
+from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset, Sampler
 
 from medsynth.utils.errors import reports_input_problems
@@ -107,8 +110,9 @@ class AugmentedCopies(Dataset):
         item = dict(self.dataset[index % len(self.dataset)])
         seed = int(np.random.SeedSequence([self.seed, index]).generate_state(1)[0])
         out = classic_augmentation(seed)({"image": item["image"], "label": item["label"].float()})
-        item["image"] = torch.as_tensor(out["image"]).float()
-        item["label"] = torch.as_tensor(out["label"]).round().long()
+        # Plain tensors, like the real items: a batch mixing MetaTensors and tensors does not collate.
+        item["image"] = convert_to_tensor(out["image"], track_meta=False).float()
+        item["label"] = convert_to_tensor(out["label"], track_meta=False).round().long()
         return item
 
 
@@ -299,6 +303,10 @@ def training_mixture(
         raise ValueError("choose synthetic_dir or classic augmentation for the extra instances, not both")
     if confidence_weighted and not synthetic_dir:
         raise ValueError("confidence weighting needs a synthetic cohort (synthetic_dir) with confidence maps")
+    if confidence_weighted and percent is None and multiple is None:
+        raise ValueError(
+            "confidence weighting needs synthetic instances: give synthetic_percent or synthetic_multiple"
+        )
     extra_count = 0
     if (synthetic_dir or classic) and (percent is not None or multiple is not None):
         extra_count = synthetic_count(len(real), percent, multiple)

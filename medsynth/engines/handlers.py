@@ -142,6 +142,27 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+class SamplerEpochSetter:
+    """Tell a sampler which epoch starts (``sampler.set_epoch(epoch - 1)``, zero-based), so that it
+    draws and orders that epoch's instances. MONAI's workflows do this only for a
+    ``DistributedSampler``; :class:`medsynth.data.mixing.MixingSampler` needs it on every process
+    (without it every epoch repeats the first: an ordered mode never leaves its first source). A
+    resumed run gets the epoch it resumes at.
+
+    Args:
+        sampler: anything with ``set_epoch(int)``.
+    """
+
+    def __init__(self, sampler: Any) -> None:
+        self.sampler = sampler
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        self.sampler.set_epoch(engine.state.epoch - 1)
+
+
 class TrainingTimeEstimate:
     """Say how long training will take before the time is spent.
 

@@ -21,6 +21,8 @@ class VoxelWeightedDiceCELoss(nn.Module):
     With weights ``w``, per sample and class ``c``: ``Dice = 1 - (2 sum(w p y) + nr) / (sum(w p) +
     sum(w y) + dr)`` (averaged over samples and classes, background included) and ``CE = mean(w *
     ce)``; all weights 1 give exactly MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+    A sample's Dice is a ratio, so a weight uniform over the sample cancels in it: the weights decide
+    which voxels of a slice count in its Dice, and the cross-entropy carries their overall level.
 
     Args:
         lambda_dice: weight of the Dice term.

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from medsynth.utils.hashing import file_digest
 from medsynth.utils.io import require_writable_folder, save_json
 
 logger = logging.getLogger(__name__)
@@ -100,15 +101,23 @@ def _evaluate(run: ComparedRun, out: Path, dataset_dir: str | None, split: str, 
     from monai.bundle import run as run_bundle
 
     cases = out / f"table1_{split}_cases.csv"
-    metrics = out / "metrics.json"
-    if cases.is_file() and metrics.is_file():
-        recorded = json.loads(metrics.read_text())
-        if recorded.get("split") == split and recorded.get("dataset") == (dataset_dir or ""):
-            return out
+    weights = run.run_dir / "models" / "model.pt"
+    # What the evaluation depends on: a finished one is read back only while all of it is unchanged.
+    record = {
+        "weights": file_digest(weights),
+        "config_files": run.config_files("evaluate"),
+        "dataset": dataset_dir or "",
+        "split": split,
+        "overrides": overrides,
+    }
+    record_path = out / "compare_evaluation.json"
+    if cases.is_file() and record_path.is_file() and json.loads(record_path.read_text()) == record:
+        return out
     settings: dict[str, Any] = {"output_dir": str(run.run_dir), "eval_split": split, "eval_dir": str(out)}
     if dataset_dir is not None:
         settings["dataset_dir"] = dataset_dir
     run_bundle(config_file=run.config_files("evaluate"), **settings, **overrides)
+    save_json(record, record_path)
     return out
 
 

@@ -237,8 +237,9 @@ def score_cohort(
 ) -> Path:
     """Score every case of the cohort ``dataset_dir`` with the models of the study's finished cells
     (``cells``: names such as ``real/seed0``; default all), as the external evaluation of the synthesis
-    models does: each cell's rows go to ``<cell>/eval_<cohort>/``, the study's table, intervals and
-    page to ``out_dir/report_<cohort>/``. Cells already scored are read back."""
+    models does: each cell's rows go to ``<cell>/eval_<cohort>_<digest>/``, the study's table, intervals and
+    page to ``out_dir/report_<cohort>_<digest>/`` (the digest of the resolved path keeps cohorts of one
+    name apart). Cells already scored are read back."""
     from monai.bundle import run
 
     from medsynth.studies.aggregate import collect_cases, study_table, write_report
@@ -246,7 +247,11 @@ def score_cohort(
     spec = StudySpec.read(study_file)
     if out_dir:
         spec.out_dir = out_dir
-    cohort = Path(dataset_dir).name or "phantom"
+    from medsynth.utils.hashing import parts_digest
+
+    # The folder name and a digest of the resolved path: two cohorts of one name never share results.
+    resolved = str(Path(dataset_dir).resolve()) if dataset_dir else "phantom"
+    cohort = f"{Path(dataset_dir).name or 'phantom'}_{parts_digest(resolved, length=8)}"
     chosen = [cell for cell in expand_cells(spec) if cells is None or cell.name in set(cells)]
     unknown = sorted(set(cells or ()) - {cell.name for cell in chosen})
     if unknown:

@@ -420,7 +420,9 @@ class SyntheticCohortBuilder:
         if "segmentation" in self.gates:
             gates["segmentation"] = self.gates["segmentation"](images, grid_label, grid_label > 0)
         changed = (grid_label != self._source_grid_label(row)).flatten(0, 1).any(dim=0)
-        gates["memorisation"] = self.gates["memorisation"](images, grid_label, grid_label > 0, changed)
+        # A change too small to survive the network's grid leaves a copy of the source: compare all.
+        compared = changed if bool(changed.any()) else None
+        gates["memorisation"] = self.gates["memorisation"](images, grid_label, grid_label > 0, compared)
         restored = dict(data)
         restored["pred"] = MetaTensor(images)  # Invertd inverts MetaTensors (a plain tensor is skipped)
         keys = ["pred"]
@@ -647,6 +649,9 @@ def _candidate_task(builder: SyntheticCohortBuilder, index: int) -> bool:
 
 def _describe(values: Sequence[float]) -> dict[str, float]:
     array = np.asarray(values, dtype=np.float64)
+    array = array[np.isfinite(array)]  # a gate without a score (no brain slice) does not blank the summary
+    if not array.size:
+        return {"n": 0}
     return {
         "n": int(array.size),
         "min": float(array.min()),

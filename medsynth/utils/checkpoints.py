@@ -80,6 +80,11 @@ def load_checked_weights(network: nn.Module, path: str | os.PathLike, role: str 
     the same one built with other settings, are refused with what they are and what would fit."""
     state = read_weights(path, role)
     target = network.module if hasattr(network, "module") else network
+    try:  # first as PyTorch would (the networks' load hooks rename the keys of older releases)
+        target.load_state_dict(state)
+        return network
+    except RuntimeError:
+        pass
     wanted = target.state_dict()
     missing = sorted(set(wanted) - set(state))
     unexpected = sorted(set(state) - set(wanted))
@@ -103,8 +108,7 @@ def load_checked_weights(network: nn.Module, path: str | os.PathLike, role: str 
             "settings it was trained with (sizes such as base_width or num_res_blocks, an ablation's "
             "switches)"
         )
-    target.load_state_dict(state)  # copies into the network's own device
-    return network
+    raise ValueError(f"{role} weights {path} do not fit {weights_family(wanted)}")  # no difference found
 
 
 class CheckedCheckpointLoader:
