@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from bundle_helpers import TINY_DATA, TINY_NETWORKS, TINY_TRAINING
 from monai.bundle import ConfigParser, run
 
 pytestmark = [
@@ -18,20 +19,7 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cg_samr" / "configs"
 ABLATIONS = ("no_stretch_out", "no_labelwise_d", "no_atlas", "no_lsc", "no_lcm")
-TINY = {
-    "phantom_patients": 3,
-    "phantom_shape": [40, 40, 6],
-    "image_size": 32,
-    "base_width": 4,
-    "num_res_blocks": 1,
-    "num_epochs": 1,
-    "batch_size": 2,
-    "d_base_filters": 8,
-    "d_num_layers": 2,
-    "unet_channels": [4, 8, 16, 32, 64],
-    "val_interval": 1,
-    "sample_interval": 1,
-}
+TINY = {**TINY_DATA, **TINY_NETWORKS["cg_samr"], **TINY_TRAINING}
 
 
 def _parser(ablation: str | None, cache_dir: str, out: Path) -> ConfigParser:

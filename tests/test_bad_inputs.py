@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundle_helpers import TINY_DATA, TINY_NETWORKS, TINY_TRAINING
 from cohort_helpers import write_tiny_brats_case, write_tiny_cohort
 
 from medsynth.cli import main
@@ -108,8 +109,7 @@ def test_preprocessing_refuses_an_output_that_overlaps_the_input_or_is_a_file(tm
 
 
 # -- trained models: weights files and inference masks -----------------------------------------------
-TINY_SYNTHESIS = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32, "base_width": 4,
-                  "num_res_blocks": 1}  # fmt: skip
+TINY_SYNTHESIS = {**TINY_DATA, **TINY_NETWORKS["cg_samr"]}
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +125,7 @@ def tiny_runs(tmp_path_factory, tiny_phantom_cache) -> dict:
     repo = Path(__file__).resolve().parents[1]
     os.chdir(repo)
     root = tmp_path_factory.mktemp("runs")
-    train = {**TINY_SYNTHESIS, "num_epochs": 1, "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2,
-             "unet_channels": [4, 8, 16, 32, 64], "val_interval": 1, "sample_interval": 1}  # fmt: skip
+    train = {**TINY_SYNTHESIS, **TINY_TRAINING}
     runs = {}
     for name in ("cg_samr", "samr"):
         runs[name] = root / name

@@ -9,6 +9,7 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
+from bundle_helpers import TINY_DATA, TINY_NETWORKS, TINY_TRAINING
 from monai.bundle import ConfigParser, run
 
 from medsynth.data.cohort import resolve_cohort
@@ -29,14 +30,8 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 PIX2PIX = REPO / "bundles" / "pix2pix"
-TINY_DATA = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32}
-TINY_NETWORKS = {
-    "pix2pix": {"pix2pix_ngf": 4, "pix2pix_num_downs": 5},
-    "pix2pixhd": {"pix2pixhd_ngf": 4, "num_res_blocks": 1},
-}
 TINY_NETWORK = TINY_NETWORKS["pix2pix"]
-TINY_TRAIN = {"num_epochs": 1, "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2, "val_interval": 1,
-              "sample_interval": 1}  # fmt: skip
+TINY_TRAIN = TINY_TRAINING
 TINY = {**TINY_DATA, **TINY_NETWORK, **TINY_TRAIN}
 
 

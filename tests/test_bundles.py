@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from bundle_helpers import TINY_DATA, TINY_NETWORKS, TINY_TRAINING
 from monai.bundle import ckpt_export, run, verify_net_in_out
 
 from medsynth.metrics import BRAIN_COLUMNS
@@ -26,19 +27,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_DATA = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32}
-TINY_NETWORK = {"base_width": 4, "num_res_blocks": 1}
-TINY_TRAIN = {
-    **TINY_DATA,
-    **TINY_NETWORK,
-    "num_epochs": 1,
-    "batch_size": 2,
-    "d_base_filters": 8,
-    "d_num_layers": 2,
-    "unet_channels": [4, 8, 16, 32, 64],
-    "val_interval": 1,
-    "sample_interval": 1,
-}
+TINY_NETWORK = TINY_NETWORKS["cg_samr"]
+TINY_TRAIN = {**TINY_DATA, **TINY_NETWORK, **TINY_TRAINING}
 
 
 def configs(bundle: str, *names: str) -> list[str]:

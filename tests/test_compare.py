@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from bundle_helpers import TINY_DATA, TINY_NETWORKS, TINY_TRAINING
 from monai.bundle import run
 
 from medsynth.cli import main
@@ -21,13 +22,8 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"phantom_patients": 3, "phantom_shape": [40, 40, 6], "image_size": 32, "num_epochs": 1,
-        "batch_size": 2, "d_base_filters": 8, "d_num_layers": 2, "val_interval": 1, "sample_interval": 1,
-        "unet_channels": [4, 8, 16, 32, 64]}  # fmt: skip
-NETWORKS = {
-    "cg_samr": {"base_width": 4, "num_res_blocks": 1},
-    "pix2pix": {"pix2pix_ngf": 4, "pix2pix_num_downs": 5},
-}
+TINY = {**TINY_DATA, **TINY_TRAINING}
+NETWORKS = {method: TINY_NETWORKS[method] for method in ("cg_samr", "pix2pix")}
 
 
 @pytest.fixture(scope="module")

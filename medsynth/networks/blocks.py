@@ -19,6 +19,7 @@ __all__ = [
     "OutputHead",
     "ResidualBlock",
     "UpsamplingStep",
+    "check_divisible",
     "check_norm",
 ]
 
@@ -28,6 +29,13 @@ NORM_TYPES: tuple[str, ...] = ("batch", "instance")
 
 _RELU = "RELU"
 _LEAKY_RELU = ("LEAKYRELU", {"negative_slope": 0.2})
+
+
+def check_divisible(x: torch.Tensor, multiple: int) -> None:
+    """Refuse an input whose height or width a network's ``multiple``-fold down-sampling cannot halve
+    evenly (skipped while tracing: the check would be frozen into the trace)."""
+    if not torch.jit.is_tracing() and (x.shape[-1] % multiple or x.shape[-2] % multiple):
+        raise ValueError(f"height and width must be divisible by {multiple}; got {list(x.shape[-2:])}")
 
 
 def check_norm(norm: str) -> str:

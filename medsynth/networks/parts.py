@@ -27,6 +27,7 @@ from medsynth.networks.blocks import (
     OutputHead,
     ResidualBlock,
     UpsamplingStep,
+    check_divisible,
     check_norm,
 )
 
@@ -99,10 +100,7 @@ class DualEncoder(nn.Module):
             )
         if mask.shape[0] != atlas.shape[0] or mask.shape[2:] != atlas.shape[2:]:
             raise ValueError(f"mask {list(mask.shape)} and atlas {list(atlas.shape)} differ in batch or size")
-        if mask.shape[2] % self.size_multiple != 0 or mask.shape[3] % self.size_multiple != 0:
-            raise ValueError(
-                f"height and width must be divisible by {self.size_multiple}; got {list(mask.shape[2:])}"
-            )
+        check_divisible(mask, self.size_multiple)
 
 
 class ResidualTrunk(nn.Sequential):

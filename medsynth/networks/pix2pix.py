@@ -23,18 +23,13 @@ from monai.networks.utils import normal_init
 from torch import nn
 
 from medsynth.constants import ATLAS_SLICES_PER_SEQUENCE, CLINICAL_SEQUENCES, NUM_LABELS
-from medsynth.networks.blocks import check_norm
+from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
 from medsynth.networks.discriminators import PatchGANDiscriminator
+from medsynth.networks.parts import ResidualTrunk, StretchOutDecoder
 
 __all__ = ["Pix2PixGenerator", "Pix2PixHDGenerator", "UNetSkipGenerator", "pix2pix_patch_discriminator"]
 
 _NORMS = {"batch": nn.BatchNorm2d, "instance": nn.InstanceNorm2d}
-
-
-def _check_divisible(x: torch.Tensor, multiple: int) -> None:
-    """Refuse an input whose height or width the generator's down-sampling cannot halve evenly."""
-    if not torch.jit.is_tracing() and (x.shape[-1] % multiple or x.shape[-2] % multiple):
-        raise ValueError(f"height and width must be divisible by {multiple}; got {list(x.shape[2:])}")
 
 
 class _SkipLevel(nn.Module):
@@ -111,15 +106,32 @@ class UNetSkipGenerator(nn.Module):
         self.apply(normal_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_divisible(x, self.size_multiple)
+        check_divisible(x, self.size_multiple)
         return self.model(x)
 
 
-class Pix2PixGenerator(nn.Module):
-    """The pix2pix baseline in the synthesis harness: ``forward(mask, atlas) -> {"images"}``.
+class _MaskConditionedGenerator(nn.Module):
+    """A baseline generator of the harness: ``forward(mask, atlas) -> {"images"}`` from the one-hot
+    lesion mask (the papers' baseline input) and, with ``use_atlas``, the atlas slices as well;
+    subclasses build :attr:`in_channels` -> ``num_sequences`` networks and implement :meth:`synthesise`."""
 
-    The U-Net sees the one-hot lesion mask (the papers' baseline input) and, with ``use_atlas``, the
-    atlas slices as well; every sequence is one output channel.
+    def __init__(self, num_sequences: int, mask_channels: int, use_atlas: bool) -> None:
+        super().__init__()
+        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
+        self.in_channels = mask_channels + (
+            ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0
+        )
+
+    def synthesise(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement synthesise")
+
+    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        return {"images": self.synthesise(torch.cat([mask, atlas], dim=1) if self.use_atlas else mask)}
+
+
+class Pix2PixGenerator(_MaskConditionedGenerator):
+    """The pix2pix baseline in the synthesis harness (see :class:`_MaskConditionedGenerator`); every
+    sequence is one output channel of the U-Net.
 
     Args:
         num_sequences: output images (one per sequence).
@@ -138,14 +150,11 @@ class Pix2PixGenerator(nn.Module):
         norm: str = "batch",
         dropout: float = 0.5,
     ) -> None:
-        super().__init__()
-        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
-        in_channels = mask_channels + (ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0)
-        self.unet = UNetSkipGenerator(in_channels, num_sequences, num_downs, ngf, norm, dropout)
+        super().__init__(num_sequences, mask_channels, use_atlas)
+        self.unet = UNetSkipGenerator(self.in_channels, num_sequences, num_downs, ngf, norm, dropout)
 
-    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        x = torch.cat([mask, atlas], dim=1) if self.use_atlas else mask
-        return {"images": self.unet(x)}
+    def synthesise(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
 
 
 def pix2pix_patch_discriminator(
@@ -158,7 +167,7 @@ def pix2pix_patch_discriminator(
     )
 
 
-class Pix2PixHDGenerator(nn.Module):
+class Pix2PixHDGenerator(_MaskConditionedGenerator):
     """pix2pixHD's global generator (Wang et al., CVPR 2018) in the synthesis harness:
     ``forward(mask, atlas) -> {"images"}``, composed of this package's parts.
 
@@ -190,13 +199,8 @@ class Pix2PixHDGenerator(nn.Module):
         num_res_blocks: int = 9,
         norm: str = "instance",
     ) -> None:
-        from medsynth.networks.blocks import ConvEncoder
-        from medsynth.networks.parts import ResidualTrunk, StretchOutDecoder
-
-        super().__init__()
-        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
-        in_channels = mask_channels + (ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0)
-        self.encoder = ConvEncoder(in_channels, ngf, num_downsampling, norm)
+        super().__init__(num_sequences, mask_channels, use_atlas)
+        self.encoder = ConvEncoder(self.in_channels, ngf, num_downsampling, norm)
         self.trunk = ResidualTrunk(self.encoder.out_channels, num_res_blocks, norm)
         self.decoder = StretchOutDecoder(
             self.encoder.out_channels, num_sequences, num_downsampling, norm, branch_residual_block=False,
@@ -205,7 +209,6 @@ class Pix2PixHDGenerator(nn.Module):
         self.size_multiple = 2**num_downsampling
         self.apply(normal_init)
 
-    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        x = torch.cat([mask, atlas], dim=1) if self.use_atlas else mask
-        _check_divisible(x, self.size_multiple)
-        return {"images": self.decoder(self.trunk(self.encoder(x)))}
+    def synthesise(self, x: torch.Tensor) -> torch.Tensor:
+        check_divisible(x, self.size_multiple)
+        return self.decoder(self.trunk(self.encoder(x)))

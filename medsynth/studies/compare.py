@@ -194,8 +194,8 @@ def compare_runs(
     return written
 
 
-def _network_and_dataset(run: ComparedRun, dataset_dir: str | None, split: str, overrides: dict):
-    """The run's inference network with its weights, and the evaluation's slice dataset."""
+def _evaluation_parser(run: ComparedRun, dataset_dir: str | None, split: str, overrides: dict):
+    """The run's ``evaluate`` config, set up as :func:`_evaluate` runs it."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
@@ -204,16 +204,7 @@ def _network_and_dataset(run: ComparedRun, dataset_dir: str | None, split: str, 
     if dataset_dir is not None:
         settings["dataset_dir"] = dataset_dir
     parser.update(settings)
-    from medsynth.utils.checkpoints import load_checked_weights
-
-    network = load_checked_weights(
-        parser.get_parsed_content("network_def"), run.run_dir / "models" / "model.pt"
-    )
-    return (
-        network.eval(),
-        parser.get_parsed_content("validate#dataset"),
-        parser.get_parsed_content("sequences"),
-    )
+    return parser
 
 
 def comparison_figure(
@@ -221,14 +212,19 @@ def comparison_figure(
 ) -> Path:
     """Fig. 6 of CG-SAMR: the slice with the most lesion of the split, real images on top, every
     method's synthesis below, each sequence with a zoomed lesion box and the absolute error."""
+    from medsynth.utils.checkpoints import load_checked_weights
     from medsynth.visualize.figures import save_grid
 
-    networks, dataset, sequences = {}, None, None
-    for run in runs:
-        networks[run.name], run_dataset, run_sequences = _network_and_dataset(
-            run, dataset_dir, split, overrides
-        )
-        dataset, sequences = dataset or run_dataset, sequences or run_sequences
+    parsers = {run.name: _evaluation_parser(run, dataset_dir, split, overrides) for run in runs}
+    networks = {
+        run.name: load_checked_weights(
+            parsers[run.name].get_parsed_content("network_def"), run.run_dir / "models" / "model.pt"
+        ).eval()
+        for run in runs
+    }
+    # One cohort and split for all runs (checked): its slices are loaded once, from the first run's config.
+    first = parsers[runs[0].name]
+    dataset, sequences = first.get_parsed_content("validate#dataset"), first.get_parsed_content("sequences")
     lesion = [int((dataset[i]["label"] >= 2).sum()) for i in range(len(dataset))]
     item = dataset[int(np.argmax(lesion))]
     real = item["image"].numpy()
