@@ -70,6 +70,22 @@ def confidence_column(sequence: str) -> str:
     return f"confidence_{sequence}"
 
 
+# Brain-tissue probability maps (Shin et al. 2018's conditioning, made by ANTs Atropos in preprocessing
+# or given by the phantom's ground truth), in channel order; optional manifest columns tissue_<class>.
+TISSUE_CLASSES: tuple[str, ...] = ("csf", "gm", "wm")
+TISSUE_TITLES: dict[str, str] = {"csf": "CSF", "gm": "grey matter", "wm": "white matter"}
+
+
+def tissue_column(tissue_class: str) -> str:
+    """Manifest column holding the path of a patient's ``tissue_class`` probability map."""
+    if tissue_class not in TISSUE_CLASSES:
+        raise ValueError(f"unknown tissue class {tissue_class!r}; known: {TISSUE_CLASSES}")
+    return f"tissue_{tissue_class}"
+
+
+TISSUE_COLUMNS: tuple[str, ...] = tuple(tissue_column(t) for t in TISSUE_CLASSES)
+
+
 # File-name stems seen in the wild for each sequence (raw exams, BraTS, TCGA), lower case.
 SEQUENCE_ALIASES: dict[str, str] = {
     "t1": "t1w",

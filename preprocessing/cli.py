@@ -62,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude-lesion", action="store_true", help="mask the label's lesion out of the registration metric"
     )
     run.add_argument("--no-qc", action="store_true", help="skip the QC figures")
+    run.add_argument(
+        "--tissue-maps",
+        action="store_true",
+        help="also make CSF, grey- and white-matter probability maps (ANTs Atropos inside the brain, "
+        "lesion excluded): the input of the Shin et al. baseline (bundles/shin)",
+    )
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_run)
 
@@ -102,6 +108,7 @@ def _run(args: argparse.Namespace) -> int:
         atlas_iterations=args.atlas_iterations,
         qc=not args.no_qc,
         progress=not args.no_progress,
+        tissue_maps=args.tissue_maps,
     )
     result = run_cohort(args.input, args.output, config)
     print(f"manifest: {result.manifest}\ntimings: {result.timings}\nQC: {result.qc_page}")

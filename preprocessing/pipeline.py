@@ -38,7 +38,13 @@ import numpy as np
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 
-from medsynth.constants import CLINICAL_SEQUENCES, LESION_LABELS, canonical_sequence
+from medsynth.constants import (
+    CLINICAL_SEQUENCES,
+    LESION_LABELS,
+    TISSUE_CLASSES,
+    canonical_sequence,
+    tissue_column,
+)
 from medsynth.errors import InputDataError
 from medsynth.utils.hashing import file_digest, json_digest
 from medsynth.utils.io import save_json, save_nifti
@@ -625,6 +631,8 @@ def final_paths(out_dir: str | os.PathLike, patient_id: str, sequences: Sequence
     paths["label"] = folder / f"{patient_id}_label.nii.gz"
     for s in sequences:
         paths[f"atlas_{s}"] = folder / f"{patient_id}_atlas_{s}.nii.gz"
+    for tissue in TISSUE_CLASSES:
+        paths[tissue_column(tissue)] = folder / f"{patient_id}_tissue_{tissue}.nii.gz"
     return paths
 
 

@@ -11,6 +11,7 @@ Output layout (``OUT``)::
     manifest.csv  nyul_landmarks.json  timings.csv  timings.json  failures.json
     atlas/atlas_<seq>.nii.gz
     <pid>/<pid>_<seq>.nii.gz  <pid>_brainmask.nii.gz  [<pid>_label.nii.gz]  <pid>_atlas_<seq>.nii.gz
+    <pid>/<pid>_tissue_{csf,gm,wm}.nii.gz    (with tissue_maps: ANTs Atropos, lesion excluded)
     <pid>/work/<step>/...     (intermediate files and step markers)
     qc/index.html  qc/<pid>_montage.png  qc/<pid>_histograms.png
 """
@@ -34,7 +35,9 @@ from medsynth.constants import (
     CLINICAL_SEQUENCES,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
+    TISSUE_COLUMNS,
     atlas_column,
+    tissue_column,
 )
 from medsynth.data.manifest import DEFAULT_SPLIT_FRACTIONS, split_patients, write_manifest
 from medsynth.utils.io import require_writable_folder, save_json
@@ -70,6 +73,8 @@ class CohortConfig:
         nyul_range: Nyúl standard scale.
         qc: write the QC figures and page.
         progress: show progress bars.
+        tissue_maps: also make the CSF, grey- and white-matter probability maps (ANTs Atropos inside
+            the brain mask, lesion excluded; :mod:`preprocessing.tissue`), the input of Shin et al.
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -82,6 +87,7 @@ class CohortConfig:
     nyul_range: tuple[float, float] = (0.0, 100.0)
     qc: bool = True
     progress: bool = True
+    tissue_maps: bool = False
 
 
 @dataclass
@@ -133,6 +139,7 @@ def _stage_finalize(
     atlas_transform: str,
     seed: int,
     qc: bool,
+    tissue_maps: bool = False,
 ) -> dict[str, Any]:
     import nibabel as nib
 
@@ -146,6 +153,11 @@ def _stage_finalize(
     paths = final_paths(out_dir, pid, summary["sequences"])
     atlas_seqs = [s for s in atlas_files if s in summary["sequences"]]
     primary = choose_primary(atlas_seqs) if atlas_seqs else None
+    if tissue_maps:
+        rec = _tissue_step(pid, out_dir, summary["sequences"], final, seed)
+        steps.append([asdict(rec)])
+        for key, rel in rec.outputs.items():
+            final[key] = str((work_dir(out_dir, pid) / "tissue" / rel).resolve())
 
     def _warp(step_dir: Path):
         atlas = {s: nib.load(atlas_files[s]) for s in atlas_files}
@@ -189,6 +201,36 @@ def _stage_finalize(
         steps.append([asdict(rec)])
         figures = {k: str((work_dir(out_dir, pid) / "qc" / rel).resolve()) for k, rel in rec.outputs.items()}
     return {"patient_id": pid, "final": final, "steps": [s for group in steps for s in group], **figures}
+
+
+def _tissue_step(pid: str, out_dir: str, sequences: Sequence[str], final: Mapping[str, str], seed: int):
+    """The patient's tissue maps from its final (standardized) T1w-like image, brain mask and label."""
+    import nibabel as nib
+
+    from medsynth.utils.io import save_nifti
+    from preprocessing.tissue import choose_tissue_sequence, segment_tissues, tissue_shares
+
+    source, rising = choose_tissue_sequence(sequences)
+    paths = final_paths(out_dir, pid, sequences)
+
+    def _segment(step_dir: Path):
+        mask = nib.load(final["brain_mask"])
+        label = nib.load(final["label"]) if final.get("label") else None
+        maps = segment_tissues(nib.load(final[source]), mask, label, rising=rising, seed=seed)
+        outputs = {
+            tissue_column(t): save_nifti(
+                np.asanyarray(m.dataobj), m.affine, paths[tissue_column(t)], np.float32
+            )
+            for t, m in maps.items()
+        }
+        return outputs, {"source": source, "shares": tissue_shares(maps, np.asanyarray(mask.dataobj) > 0)}
+
+    inputs = {source: final[source], "brain_mask": final["brain_mask"]}
+    if final.get("label"):
+        inputs["label"] = final["label"]
+    return run_step(
+        work_dir(out_dir, pid) / "tissue", "tissue", inputs, {"source": source, "seed": seed}, _segment
+    )
 
 
 # -- driver ---------------------------------------------------------------------------------------
@@ -385,6 +427,7 @@ def run_cohort(
                         config.atlas_transform,
                         config.pipeline.seed,
                         False,
+                        config.tissue_maps,
                     )
                     for p in train_ids
                 ],
@@ -408,6 +451,7 @@ def run_cohort(
                         config.atlas_transform,
                         config.pipeline.seed,
                         config.qc,
+                        config.tissue_maps,
                     )
                     for p in todo
                 ],
@@ -472,5 +516,6 @@ def _write_manifest(
         row[MANIFEST_LABEL_COLUMN] = final.get("label", "")
         row[MANIFEST_BRAIN_MASK_COLUMN] = final.get("brain_mask", "")
         row.update({atlas_column(s): final.get(f"atlas_{s}", "") for s in sequences})
+        row.update({c: final[c] for c in TISSUE_COLUMNS if final.get(c)})
         records.append(row)
     return write_manifest(pd.DataFrame(records), out_dir / "manifest.csv")

@@ -8,6 +8,7 @@ TINY_NETWORKS = {
     "cg_samr": {"base_width": 4, "num_res_blocks": 1},
     "samr": {"base_width": 4, "num_res_blocks": 1},
     "pix2pix": {"pix2pix_ngf": 4, "pix2pix_num_downs": 5},
+    "shin": {"pix2pix_ngf": 4, "pix2pix_num_downs": 5},
     "pix2pixhd": {"pix2pixhd_ngf": 4, "num_res_blocks": 1},
 }
 TINY_TRAINING = {

@@ -87,7 +87,7 @@ def test_the_pix2pix_step_trains_a_conditional_gan_with_l1(tmp_path, tiny_phanto
     assert any(changed)
 
 
-@pytest.mark.parametrize("method", ["pix2pix", "pix2pixhd"])
+@pytest.mark.parametrize("method", ["pix2pix", "pix2pixhd", "shin"])
 def test_a_baseline_bundle_trains_evaluates_and_synthesises_in_the_input_geometry(
     method, tmp_path, tiny_phantom_cache
 ):

@@ -23,7 +23,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {**TINY_DATA, **TINY_TRAINING}
-NETWORKS = {method: TINY_NETWORKS[method] for method in ("cg_samr", "pix2pix")}
+NETWORKS = {method: TINY_NETWORKS[method] for method in ("cg_samr", "pix2pix", "shin")}
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +51,17 @@ def test_the_lesion_accuracy_pools_the_classes_pixels():
 
 def test_compare_writes_tables_i_and_v_and_the_figure(trained, tiny_phantom_cache, tmp_path):
     overrides = {"cache_dir": tiny_phantom_cache, **TINY, **NETWORKS["cg_samr"], **NETWORKS["pix2pix"]}
-    specs = [str(trained["cg_samr"]), f"{trained['pix2pix']}=bundles/pix2pix"]
+    specs = [
+        str(trained["cg_samr"]),
+        f"{trained['pix2pix']}=bundles/pix2pix",
+        f"{trained['shin']}=bundles/shin",
+    ]
     written = compare_runs(specs, tmp_path / "cmp", overrides=overrides)
     table1 = pd.read_csv(written["table1_csv"], header=[0, 1], index_col=0)
-    assert set(table1.columns.get_level_values(0)) == {"cg_samr", "pix2pix"}
+    assert set(table1.columns.get_level_values(0)) == {"cg_samr", "pix2pix", "shin"}
     assert "SSIM brain" in set(table1.columns.get_level_values(1)) and "Avg." in table1.index
     table5 = pd.read_csv(tmp_path / "cmp" / "table5.csv", index_col=0)
-    assert list(table5.index) == ["cg_samr", "pix2pix"] and list(table5.columns)[-1] == "Avg."
+    assert list(table5.index) == ["cg_samr", "pix2pix", "shin"] and list(table5.columns)[-1] == "Avg."
     assert ((table5 >= 0) & (table5 <= 100)).all().all()
     assert written["fig6"].stat().st_size > 10_000
     assert not (trained["cg_samr"] / "eval").exists()  # the run folders are left as they were

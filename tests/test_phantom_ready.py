@@ -39,6 +39,7 @@ def test_manifest_reads_back_with_patient_level_splits(cohort):
     out, manifest_path = cohort
     manifest = read_manifest(manifest_path)
     expected_columns = ["patient_id", "split", *CLINICAL_SEQUENCES, "label", "brain_mask"]
+    expected_columns += ["tissue_csf", "tissue_gm", "tissue_wm"]  # ground truth for Shin et al.
     expected_columns += [atlas_column(s) for s in CLINICAL_SEQUENCES]
     assert list(manifest.columns) == expected_columns
     assert list(manifest["patient_id"]) == ["phantom_000", "phantom_001", "phantom_002"]

@@ -31,6 +31,7 @@ from medsynth.data.conventions import PROJECT_CONVENTION
 from medsynth.data.manifest import (
     DEFAULT_SPLIT_FRACTIONS,
     check_patient_level_split,
+    has_tissue_maps,
     read_manifest,
     split_patients,
 )
@@ -85,7 +86,11 @@ def _phantom_cohort(
     if is_ready_cohort(out_dir):
         manifest = read_ready_cohort(out_dir)
         expected = split_patients(manifest["patient_id"], split_fractions, seed)
-        if manifest["split"].tolist() == manifest["patient_id"].map(expected).tolist():
+        # A cohort from before the tissue maps joined the phantom is completed (same images) below.
+        if (
+            has_tissue_maps(manifest)
+            and manifest["split"].tolist() == manifest["patient_id"].map(expected).tolist()
+        ):
             logger.info("reusing the phantom cohort in %s", out_dir)
             return manifest
         # Other split fractions: the generator keeps the patients and redoes the train-split atlas.

@@ -17,7 +17,10 @@ An item (all tensors, ``H = W = image_size``, ``N`` sequences in manifest order)
   ``"brain_mask"`` float32 ``(1, H, W)``; ``"patient_id"`` str; ``"slice_index"`` int (axial index
   in RAS orientation);
 * with ``with_confidence`` (synthetic cohorts of CG-SAMR, :mod:`medsynth.synthetic`): ``"confidence"``
-  float32 ``(N, H, W)`` in (0, 1), the synthesis model's confidence map of each sequence.
+  float32 ``(N, H, W)`` in (0, 1), the synthesis model's confidence map of each sequence;
+* with ``with_tissue`` (Shin et al.'s input): ``"tissue"`` float32 ``(3, H, W)``, the CSF, grey- and
+  white-matter probability maps of the normal brain, lesion excluded
+  (:class:`medsynth.transforms.TissueMapsForLabel`).
 """
 
 from __future__ import annotations
@@ -52,12 +55,14 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     SPLITS,
+    TISSUE_COLUMNS,
     atlas_column,
     confidence_column,
 )
 from medsynth.data.manifest import sequences_of
 from medsynth.transforms.intensity import ScaleToUnitd, WindowSpec, windows_for
 from medsynth.transforms.slices import FitInPlaned, axial_slice_stats, neighbour_slices, select_slices
+from medsynth.transforms.tissue import stacked_tissue_maps
 from medsynth.transforms.volume import load_ras, one_hot_mask, scaled_atlas
 from medsynth.utils.errors import reports_input_problems
 from medsynth.utils.hashing import files_fingerprint, json_digest
@@ -65,6 +70,10 @@ from medsynth.utils.hashing import files_fingerprint, json_digest
 logger = logging.getLogger(__name__)
 
 CACHE_MODES: tuple[str, ...] = ("memory", "disk", "none")
+_TISSUE_HINT = (
+    "tissue maps come with the phantom, with `python -m preprocessing run --tissue-maps`, "
+    "or as tissue_csf, tissue_gm, tissue_wm columns of a cohort CSV"
+)
 # Bump when the volume transforms change meaning: it is part of the disk-cache folder name.
 VOLUME_FORMAT_VERSION = 2
 _LABEL_KEYS = (MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN)
@@ -81,6 +90,7 @@ def patient_volume_transforms(
     windows: Mapping[str, WindowSpec] | None = None,
     crop_tolerance: float = 0.0,
     confidence_keys: Sequence[str] = (),
+    tissue_maps: bool = False,
 ) -> Compose:
     """Manifest row (paths) -> processed patient volumes.
 
@@ -97,17 +107,23 @@ def patient_volume_transforms(
         crop_tolerance: see :class:`medsynth.transforms.slices.FitInPlane`.
         confidence_keys: manifest columns of per-sequence confidence maps (in channel order), fitted
             like the images and stacked, unscaled, as ``"confidence"`` ``(N, D, S, S)``.
+        tissue_maps: also read the ``tissue_<class>`` maps, made to agree with the label map on its own
+            grid, then fitted like the images: ``"tissue"`` ``(3, D, S, S)``.
     """
     sequences, confidence_keys = list(sequences), list(confidence_keys)
     keys = [*sequences, *_LABEL_KEYS, *confidence_keys]
     confidence = ["confidence"] if confidence_keys else []
+    tissue = ["tissue"] if tissue_maps else []
     return Compose(
         [
-            *load_ras(keys),
+            *load_ras([*keys, *(TISSUE_COLUMNS if tissue_maps else ())]),
+            *(stacked_tissue_maps(MANIFEST_LABEL_COLUMN) if tissue_maps else []),
             FitInPlaned(
-                keys,
+                [*keys, *tissue],
                 image_size,
-                mode=["area"] * len(sequences) + ["nearest", "nearest"] + ["area"] * len(confidence_keys),
+                mode=["area"] * len(sequences)
+                + ["nearest", "nearest"]
+                + ["area"] * (len(confidence_keys) + len(tissue)),
                 crop_tolerance=crop_tolerance,
             ),
             ConcatItemsd(sequences, name="image"),
@@ -126,9 +142,11 @@ def patient_volume_transforms(
             ),
             *one_hot_mask(MANIFEST_LABEL_COLUMN, "mask"),
             CastToTyped(MANIFEST_LABEL_COLUMN, dtype=torch.uint8),
-            *_axial_first(["image", "mask", *_LABEL_KEYS, *confidence]),
+            *_axial_first(["image", "mask", *_LABEL_KEYS, *confidence, *tissue]),
             EnsureTyped(
-                ["image", "window", "mask", *_LABEL_KEYS, *confidence], data_type="tensor", track_meta=False
+                ["image", "window", "mask", *_LABEL_KEYS, *confidence, *tissue],
+                data_type="tensor",
+                track_meta=False,
             ),
         ]
     )
@@ -269,8 +287,9 @@ class SliceDataset(torch.utils.data.Dataset):
             "patient_id": self.patient_ids[patient],
             "slice_index": z,
         }
-        if "confidence" in volume:
-            item["confidence"] = volume["confidence"][:, z].float()
+        for optional in ("confidence", "tissue"):
+            if optional in volume:
+                item[optional] = volume[optional][:, z].float()
         return item
 
 
@@ -288,6 +307,7 @@ def make_slice_dataset(
     crop_tolerance: float = 0.0,
     progress: bool = True,
     with_confidence: bool = False,
+    with_tissue: bool = False,
 ) -> SliceDataset:
     """The 2D-instance dataset of the patients of ``splits``.
 
@@ -307,6 +327,8 @@ def make_slice_dataset(
         progress: show progress bars.
         with_confidence: items carry ``"confidence"``; the manifest must have the
             ``confidence_<sequence>`` columns of a CG-SAMR synthetic cohort.
+        with_tissue: items carry ``"tissue"``; the manifest must have the ``tissue_<class>`` columns
+            (the phantom's ground truth, or made by ``python -m preprocessing run --tissue-maps``).
     """
     split_list = list(SPLITS) if splits == "all" else [splits] if isinstance(splits, str) else list(splits)
     unknown = sorted(set(split_list) - set(SPLITS))
@@ -322,11 +344,20 @@ def make_slice_dataset(
     sequences = sequences_of(manifest)
     atlas_keys = [atlas_column(s) for s in sequences]
     confidence_keys = [confidence_column(s) for s in sequences] if with_confidence else []
-    missing = [c for c in (*_LABEL_KEYS, *atlas_keys, *confidence_keys) if c not in rows.columns]
+    tissue_keys = list(TISSUE_COLUMNS) if with_tissue else []
+    missing = [
+        c for c in (*_LABEL_KEYS, *atlas_keys, *confidence_keys, *tissue_keys) if c not in rows.columns
+    ]
+    if tissue_keys and not missing:
+        empty = rows.loc[(rows[tissue_keys].astype(str) == "").any(axis=1), "patient_id"].tolist()
+        if empty:
+            raise ValueError(f"patient(s) {empty} have no tissue maps ({tissue_keys}): {_TISSUE_HINT}")
     if missing:
         hint = " (confidence maps come with synthetic cohorts of a model that predicts them: CG-SAMR)"
-        raise ValueError(f"manifest lacks column(s) {missing}" + (hint if confidence_keys else ""))
-    patient_keys = (*sequences, *_LABEL_KEYS, *confidence_keys)
+        hint = hint if confidence_keys else ""
+        hint += f": {_TISSUE_HINT}" if set(missing) & set(tissue_keys) else ""
+        raise ValueError(f"manifest lacks column(s) {missing}" + hint)
+    patient_keys = (*sequences, *_LABEL_KEYS, *confidence_keys, *tissue_keys)
 
     table = selected_slices(slice_table(rows, progress), slice_selection, min_brain_fraction)
     position = {pid: i for i, pid in enumerate(rows["patient_id"])}
@@ -360,9 +391,10 @@ def make_slice_dataset(
         "windows": windows_for(sequences, windows),
         "crop_tolerance": crop_tolerance,
         **({"confidence": True} if confidence_keys else {}),  # older cache folders keep their names
+        **({"tissue": True} if tissue_keys else {}),
     }
     patient_transform = patient_volume_transforms(
-        sequences, image_size, windows, crop_tolerance, confidence_keys
+        sequences, image_size, windows, crop_tolerance, confidence_keys, tissue_maps=bool(tissue_keys)
     )
     atlas_transform = atlas_volume_transforms(sequences, image_size, windows, crop_tolerance)
     if cache == "memory":

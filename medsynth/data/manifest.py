@@ -4,7 +4,9 @@ On disk it is a CSV whose paths are relative to the CSV's folder, so a cohort fo
 moved or shared as a whole; in memory (:func:`read_manifest`) every path is absolute.
 
 Columns: ``patient_id``, ``split``, one column per sequence (``t1w``, ``gd_t1w``, ...), ``label``,
-``brain_mask`` and one ``atlas_<sequence>`` column per sequence.
+``brain_mask`` and one ``atlas_<sequence>`` column per sequence; optionally the brain-tissue
+probability maps ``tissue_csf``, ``tissue_gm``, ``tissue_wm`` (all three or none: Shin et al.'s input)
+and, in a synthetic cohort, ``confidence_<sequence>``.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     SPLITS,
+    TISSUE_COLUMNS,
     atlas_column,
 )
 from medsynth.utils.io import atomic_path
@@ -47,9 +50,17 @@ def path_columns(sequences: Sequence[str]) -> list[str]:
 
 
 def stored_path_columns(sequences: Sequence[str]) -> list[str]:
-    """The columns whose paths a manifest file stores relative to itself: :func:`path_columns` and a
-    synthetic cohort's optional confidence maps (``confidence_<sequence>``)."""
-    return [*path_columns(sequences), *(f"confidence_{s}" for s in sequences)]
+    """The columns whose paths a manifest file stores relative to itself: :func:`path_columns`, the
+    optional tissue maps (``tissue_<class>``) and a synthetic cohort's optional confidence maps
+    (``confidence_<sequence>``)."""
+    return [*path_columns(sequences), *TISSUE_COLUMNS, *(f"confidence_{s}" for s in sequences)]
+
+
+def has_tissue_maps(manifest: pd.DataFrame) -> bool:
+    """Whether every patient of ``manifest`` has its three tissue maps (``tissue_<class>`` columns)."""
+    return all(c in manifest.columns for c in TISSUE_COLUMNS) and bool(
+        (manifest[list(TISSUE_COLUMNS)].astype(str).map(str.strip) != "").all().all()
+    )
 
 
 def split_patients(

@@ -25,6 +25,7 @@ from medsynth.constants import (
     BRAIN_MASK_THRESHOLD,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
+    TISSUE_COLUMNS,
     atlas_column,
 )
 from medsynth.data.conventions import foreign_convention_problem
@@ -152,6 +153,7 @@ def validate_patient(
     pid = str(row.get("patient_id", "?"))
     errors: list[InputDataError] = []
     own_columns = [*sequences, MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN]
+    own_columns += [c for c in TISSUE_COLUMNS if str(row.get(c, "") or "")]  # optional, Shin et al.
     headers: dict[str, nib.spatialimages.SpatialImage] = {}
     for column in own_columns:
         image, problems = _load_header(str(row.get(column, "") or ""), column, pid)
@@ -200,11 +202,26 @@ def validate_patient(
                 errors.append(InputDataError(problem, path, pid))
         elif column == MANIFEST_LABEL_COLUMN:
             errors += _label_problems(data, path, pid)
+        elif column in TISSUE_COLUMNS and (
+            data.min() < -_PROBABILITY_SLACK or data.max() > 1 + _PROBABILITY_SLACK
+        ):
+            errors.append(
+                InputDataError(
+                    f"{column} is not a probability map: values {data.min():g}..{data.max():g}, "
+                    "expected 0..1",
+                    path,
+                    pid,
+                )
+            )
         elif column == MANIFEST_BRAIN_MASK_COLUMN and not np.any(data >= BRAIN_MASK_THRESHOLD):
             errors.append(
                 InputDataError(f"brain mask is empty (no voxel >= {BRAIN_MASK_THRESHOLD})", path, pid)
             )
     return errors
+
+
+# Resampling and storage rounding may leave a probability map slightly outside [0, 1].
+_PROBABILITY_SLACK = 0.01
 
 
 def _label_problems(label: np.ndarray, path: str, pid: str) -> list[InputDataError]:
@@ -222,7 +239,7 @@ def _label_problems(label: np.ndarray, path: str, pid: str) -> list[InputDataErr
 def cohort_fingerprint(manifest: pd.DataFrame) -> str:
     """A key of every file of the cohort (path, size, modification time) and of its split: changes when any
     does."""
-    columns = [c for c in path_columns(sequences_of(manifest)) if c in manifest.columns]
+    columns = [c for c in (*path_columns(sequences_of(manifest)), *TISSUE_COLUMNS) if c in manifest.columns]
     rows = manifest.sort_values("patient_id")
     assignment = [f"{row['patient_id']}|{row['split']}" for _, row in rows.iterrows()]
     files = [str(row[column] or "") for _, row in rows.iterrows() for column in columns]

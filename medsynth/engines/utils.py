@@ -117,11 +117,12 @@ class BatchCall:
 
 
 # The defaults of the SAMR-family engines (module-level, so that argument defaults are not calls).
-TRAINING_BATCH = PrepareDictBatch(("mask", "atlas", "image", "label"))
+# "tissue": the tissue maps of a dataset made with_tissue (Shin et al.'s input), moved when present.
+TRAINING_BATCH = PrepareDictBatch(("mask", "atlas", "image", "label"), optional_keys=("tissue",))
 EVALUATION_BATCH = PrepareDictBatch(
     ("mask", "atlas", "image", "label"),
     extra_keys=("window", "patient_id", "slice_index"),
-    optional_keys=("brain_mask",),
+    optional_keys=("brain_mask", "tissue"),
 )
 GENERATOR_CALL = BatchCall(("mask", "atlas"))
 DISCRIMINATOR_CALL = BatchCall(("mask", "image", "atlas"))

@@ -18,7 +18,10 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     MANIPULATIONS,
+    TISSUE_CLASSES,
+    TISSUE_COLUMNS,
     atlas_column,
+    tissue_column,
 )
 from medsynth.data.atlas import find_atlas_files
 from medsynth.errors import InputDataError
@@ -26,7 +29,12 @@ from medsynth.inference.transforms import source_file_key
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["find_atlas_files", "synthesis_cases", "synthesis_inputs"]  # find_atlas_files: re-exported
+__all__ = [
+    "find_atlas_files",
+    "find_tissue_files",
+    "synthesis_cases",
+    "synthesis_inputs",
+]  # find_atlas_files: re-exported
 
 _DONOR_MANIPULATIONS = ("transplant", "random")
 
@@ -59,6 +67,8 @@ def synthesis_cases(
     case_name: str = "",
     manipulation: str = "none",
     donor_file: str = "",
+    tissue_maps: bool = False,
+    tissue_dir: str = "",
 ) -> list[dict[str, Any]]:
     """The inference items: the patients of ``splits`` of ``manifest`` (sorted), or the case of ``mask_file``.
 
@@ -73,6 +83,10 @@ def synthesis_cases(
         manipulation: the manipulation that will be applied; ``"transplant"`` and ``"random"`` get a
             ``donor``: ``donor_file``, or in the cohort mode the next case's label map.
         donor_file: donor label map of ``"transplant"`` / ``"random"``.
+        tissue_maps: the network takes tissue maps (Shin et al.): every item gets ``tissue_<class>``,
+            from the manifest's columns, or for ``mask_file`` from ``tissue_dir``.
+        tissue_dir: folder with ``tissue_csf``, ``tissue_gm``, ``tissue_wm`` ``.nii.gz`` on the grid of
+            ``mask_file``.
     """
     if manipulation not in MANIPULATIONS:
         raise ValueError(f"unknown manipulation {manipulation!r}; choose one of {MANIPULATIONS}")
@@ -82,6 +96,8 @@ def synthesis_cases(
         name = case_name or Path(mask_file).name.split(".")[0]
         # A single synthesised case has no split of its own; as a cohort it is training data.
         items = [_item(name, "train", mask_file, find_atlas_files(atlas_dir, sequences), brain_mask_file)]
+        if tissue_maps:
+            items[0].update(find_tissue_files(tissue_dir))
     else:
         if manifest is None:
             raise ValueError("give a cohort manifest or a mask_file (with atlas_dir)")
@@ -97,6 +113,15 @@ def synthesis_cases(
                     f"manifest has no atlas column(s) {missing}", patient_id=row["patient_id"]
                 )
             images = {s: row[s] for s in sequences if str(row.get(s, "") or "")}
+            if tissue_maps:
+                lacking = [c for c in TISSUE_COLUMNS if not str(row.get(c, "") or "")]
+                if lacking:
+                    raise InputDataError(
+                        f"the model takes tissue maps and the manifest has no {lacking} "
+                        "(make them with `python -m preprocessing run --tissue-maps`)",
+                        patient_id=row["patient_id"],
+                    )
+                images.update({c: row[c] for c in TISSUE_COLUMNS})
             items.append(
                 _item(
                     str(row["patient_id"]),
@@ -115,6 +140,28 @@ def synthesis_cases(
             if donor:
                 item["donor"] = donor
     return items
+
+
+def find_tissue_files(tissue_dir: str | Path) -> dict[str, str]:
+    """The ``tissue_<class>`` maps of a folder, by manifest column (``tissue_csf.nii.gz``, ...).
+
+    Raises:
+        InputDataError: no folder given, or a map is missing (named).
+    """
+    if not str(tissue_dir or "").strip():
+        raise InputDataError(
+            "this model takes tissue maps: give tissue_dir, the folder of tissue_csf, tissue_gm and "
+            "tissue_wm .nii.gz on the grid of mask_file"
+        )
+    folder = Path(tissue_dir)
+    files = {}
+    for tissue in TISSUE_CLASSES:
+        found = [folder / f"{tissue_column(tissue)}{suffix}" for suffix in (".nii.gz", ".nii")]
+        path = next((p for p in found if p.is_file()), None)
+        if path is None:
+            raise InputDataError(f"no {tissue_column(tissue)}.nii.gz in the tissue folder", path=folder)
+        files[tissue_column(tissue)] = str(path)
+    return files
 
 
 def synthesis_inputs(

@@ -4,11 +4,13 @@ sections of a synthesis bundle's ``inference.json``).
 An inference item is a dict of file paths (:func:`medsynth.inference.cases.synthesis_cases`):
 ``case``, ``label``, ``atlas_<sequence>`` for every sequence, and optionally ``brain_mask``,
 ``donor`` (the donor label map of a transplant) and the real images ``<sequence>`` (whose
-intensity windows then map the synthesis back to intensities; otherwise the atlas' own are used).
+intensity windows then map the synthesis back to intensities; otherwise the atlas' own are used);
+for a network conditioned on tissue maps (Shin et al.), ``tissue_<class>`` of every class.
 
 :func:`synthesis_preprocessing` reads, checks and orients them (RAS), derives the brain, applies the
 lesion-mask manipulation, fits the plane to the network's size, scales the atlas to [-1, 1] and
-one-hot encodes the label map: ``"image"`` is then ``(5 + N, S, S, D)``, the input of
+one-hot encodes the label map: ``"image"`` is then ``(5 + 3N, S, S, D)`` (``+ 3`` tissue maps, made
+to agree with the manipulated label map, with ``tissue_maps``), the input of
 :class:`~medsynth.inference.inferer.SliceStackInferer`. :func:`synthesis_postprocessing` brings
 the prediction back to the input grid (MONAI ``Invertd``) and to intensities, and writes the case
 (:class:`SaveSynthesisd`), every file in the geometry of the input label map.
@@ -38,12 +40,15 @@ from medsynth.constants import (
     BRAIN_MASK_THRESHOLD,
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
+    TISSUE_COLUMNS,
     atlas_column,
 )
 from medsynth.data.conventions import foreign_convention_problem
 from medsynth.errors import InputDataError
 from medsynth.transforms.intensity import ScaleToUnit, UnitToIntensityd, WindowSpec, windows_for
 from medsynth.transforms.lesion import LesionManipulationd
+from medsynth.transforms.slices import FitInPlaned
+from medsynth.transforms.tissue import stacked_tissue_maps
 from medsynth.transforms.volume import load_ras, one_hot_mask, scaled_atlas
 from medsynth.utils.geometry import same_grid_geometry
 from medsynth.utils.io import save_json, save_nifti
@@ -224,6 +229,7 @@ def synthesis_preprocessing(
     seed: int = 0,
     windows: Mapping[str, WindowSpec] | None = None,
     crop_tolerance: float = 0.0,
+    tissue_maps: bool = False,
 ) -> Compose:
     """The ``preprocessing`` of a synthesis bundle's ``inference.json`` (see the module docstring).
 
@@ -235,15 +241,28 @@ def synthesis_preprocessing(
         seed: seed of ``"random"``.
         windows: per-sequence intensity-window overrides, as in training.
         crop_tolerance: see :class:`medsynth.transforms.slices.FitInPlane`, as in training.
+        tissue_maps: the items carry ``tissue_<class>`` maps (required), appended to ``"image"`` after
+            the atlas, lesion excluded as in training (:class:`medsynth.transforms.TissueMapsForLabel`).
     """
     sequences = list(sequences)
     atlas_keys = [atlas_column(s) for s in sequences]
+    tissue_keys = list(TISSUE_COLUMNS) if tissue_maps else []
     volumes = [MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN, "donor", *atlas_keys, *sequences]
+    # After the manipulation, so that the maps exclude the lesion the network is asked for.
+    tissue_inputs = (
+        [
+            *stacked_tissue_maps(MANIFEST_LABEL_COLUMN, "tissue"),
+            FitInPlaned("tissue", image_size, mode="area", crop_tolerance=crop_tolerance),
+        ]
+        if tissue_maps
+        else []
+    )
     return Compose(
         [
             *load_ras(volumes, allow_missing_keys=True),
+            *(load_ras(tissue_keys) if tissue_maps else []),
             CheckSynthesisInputsd(
-                [MANIFEST_BRAIN_MASK_COLUMN, *atlas_keys, *sequences], MANIFEST_LABEL_COLUMN
+                [MANIFEST_BRAIN_MASK_COLUMN, *atlas_keys, *sequences, *tissue_keys], MANIFEST_LABEL_COLUMN
             ),
             BrainMaskd(MANIFEST_BRAIN_MASK_COLUMN, MANIFEST_LABEL_COLUMN),
             LesionManipulationd(
@@ -256,14 +275,15 @@ def synthesis_preprocessing(
                 seed=seed,
             ),
             DeleteItemsd("donor"),
+            *tissue_inputs,
             RealImageWindowsd(sequences, [windows_for(sequences, windows)[i] for i in range(len(sequences))]),
             *scaled_atlas(sequences, image_size, windows, crop_tolerance, keep_volumes=True),
             OutputWindowsd("window", "atlas_window"),
             # The network's mask: the label map fitted to its size, then one-hot; "label" itself stays
             # on the input grid, so the label map written out is exactly the one used.
             *one_hot_mask(MANIFEST_LABEL_COLUMN, "mask", image_size, crop_tolerance),
-            ConcatItemsd(["mask", "atlas"], name="image"),
-            DeleteItemsd(["mask", "atlas"]),
+            ConcatItemsd(["mask", "atlas", *(["tissue"] if tissue_maps else [])], name="image"),
+            DeleteItemsd(["mask", "atlas", *(["tissue"] if tissue_maps else [])]),
         ]
     )
 

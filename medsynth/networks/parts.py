@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medsynth.constants import NUM_LABELS
+from medsynth.constants import NUM_LABELS, TISSUE_CLASSES
 from medsynth.networks.blocks import (
     ConvEncoder,
     GuidanceModule,
@@ -257,7 +257,7 @@ class ConfidenceGuidedDecoder(nn.Module):
 
 
 class SynthesisInferenceNetwork(nn.Module):
-    """One tensor in, one tensor out: ``x = cat([mask, atlas], dim=1)`` -> synthesised images.
+    """One tensor in, one tensor out: ``x = cat([mask, atlas(, tissue)], dim=1)`` -> synthesised images.
 
     For MONAI bundle tools (``verify_net_in_out``, ``ckpt_export``), the inferer and
     TorchScript/tracing, which expect a single input and output. The wrapped generator's
@@ -269,19 +269,34 @@ class SynthesisInferenceNetwork(nn.Module):
         with_confidence: also return the generator's confidence maps (CG-SAMR), upsampled
             bilinearly to the image size and concatenated after the images: ``(B, 2N, H, W)``. A
             generator without confidence maps returns the images alone. The weights are the same.
+        tissue_maps: the last channels of ``x`` are the tissue maps
+            (:data:`~medsynth.constants.TISSUE_CLASSES`), passed as the generator's third input (Shin et al.).
     """
 
+    __constants__ = ["tissue_maps", "tissue_channels"]
+
     def __init__(
-        self, generator: nn.Module, mask_channels: int = NUM_LABELS, with_confidence: bool = False
+        self,
+        generator: nn.Module,
+        mask_channels: int = NUM_LABELS,
+        with_confidence: bool = False,
+        tissue_maps: bool = False,
     ) -> None:
         super().__init__()
         self.generator = generator
         self.mask_channels = mask_channels
         self.with_confidence = with_confidence
+        self.tissue_maps = bool(tissue_maps)
+        self.tissue_channels = len(TISSUE_CLASSES)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return the images (B, num_sequences, H, W) for ``x`` (B, mask + atlas channels, H, W)."""
-        output = self.generator(x[:, : self.mask_channels], x[:, self.mask_channels :])
+        """The images (B, num_sequences, H, W) for ``x`` (B, mask + atlas [+ tissue] channels, H, W)."""
+        mask = x[:, : self.mask_channels]
+        if self.tissue_maps:  # a TorchScript constant: the other branch is not compiled
+            tissue = self.tissue_channels
+            output = self.generator(mask, x[:, self.mask_channels : -tissue], x[:, -tissue:])
+        else:
+            output = self.generator(mask, x[:, self.mask_channels :])
         images = output["images"]
         if not self.with_confidence or "confidence" not in output:
             return images

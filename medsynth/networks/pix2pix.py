@@ -22,7 +22,7 @@ import torch
 from monai.networks.utils import normal_init
 from torch import nn
 
-from medsynth.constants import ATLAS_SLICES_PER_SEQUENCE, CLINICAL_SEQUENCES, NUM_LABELS
+from medsynth.constants import ATLAS_SLICES_PER_SEQUENCE, CLINICAL_SEQUENCES, NUM_LABELS, TISSUE_CLASSES
 from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
 from medsynth.networks.discriminators import PatchGANDiscriminator
 from medsynth.networks.parts import ResidualTrunk, StretchOutDecoder
@@ -111,22 +111,44 @@ class UNetSkipGenerator(nn.Module):
 
 
 class _MaskConditionedGenerator(nn.Module):
-    """A baseline generator of the harness: ``forward(mask, atlas) -> {"images"}`` from the one-hot
-    lesion mask (the papers' baseline input) and, with ``use_atlas``, the atlas slices as well;
-    subclasses build :attr:`in_channels` -> ``num_sequences`` networks and implement :meth:`synthesise`."""
+    """A baseline generator of the harness: ``forward(mask, atlas, tissue) -> {"images"}`` from the
+    one-hot lesion mask (the papers' baseline input), with ``use_atlas`` the atlas slices as well, and
+    with ``tissue_maps`` the CSF, grey- and white-matter maps (Shin et al.); subclasses build
+    :attr:`in_channels` -> ``num_sequences`` networks and implement :meth:`synthesise`."""
 
-    def __init__(self, num_sequences: int, mask_channels: int, use_atlas: bool) -> None:
+    def __init__(
+        self, num_sequences: int, mask_channels: int, use_atlas: bool, tissue_maps: bool = False
+    ) -> None:
         super().__init__()
-        self.mask_channels, self.use_atlas = mask_channels, bool(use_atlas)
-        self.in_channels = mask_channels + (
-            ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0
+        self.mask_channels, self.use_atlas, self.tissue_maps = (
+            mask_channels,
+            bool(use_atlas),
+            bool(tissue_maps),
+        )
+        self.in_channels = (
+            mask_channels
+            + (ATLAS_SLICES_PER_SEQUENCE * num_sequences if self.use_atlas else 0)
+            + (len(TISSUE_CLASSES) if self.tissue_maps else 0)
         )
 
     def synthesise(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"{type(self).__name__} must implement synthesise")
 
-    def forward(self, mask: torch.Tensor, atlas: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        return {"images": self.synthesise(torch.cat([mask, atlas], dim=1) if self.use_atlas else mask)}
+    def forward(
+        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        inputs = [mask]
+        if self.use_atlas:
+            inputs.append(atlas)
+        if self.tissue_maps:
+            if tissue is None or tissue.shape[1] != len(TISSUE_CLASSES):
+                got = "none" if tissue is None else f"{tissue.shape[1]} channels"
+                raise ValueError(
+                    f"{type(self).__name__} needs the {len(TISSUE_CLASSES)} tissue maps "
+                    f"{TISSUE_CLASSES}; got {got}"
+                )
+            inputs.append(tissue)
+        return {"images": self.synthesise(torch.cat(inputs, dim=1) if len(inputs) > 1 else mask)}
 
 
 class Pix2PixGenerator(_MaskConditionedGenerator):
@@ -138,6 +160,8 @@ class Pix2PixGenerator(_MaskConditionedGenerator):
         mask_channels: channels of the one-hot lesion mask.
         use_atlas: also feed the atlas (``3 * num_sequences`` channels); off in the papers.
         num_downs, ngf, norm, dropout: see :class:`UNetSkipGenerator`.
+        tissue_maps: also feed the CSF, grey- and white-matter maps: Shin et al. (2018)'s generator,
+            pix2pix conditioned on the lesion label and the brain's tissue maps.
     """
 
     def __init__(
@@ -149,8 +173,9 @@ class Pix2PixGenerator(_MaskConditionedGenerator):
         ngf: int = 64,
         norm: str = "batch",
         dropout: float = 0.5,
+        tissue_maps: bool = False,
     ) -> None:
-        super().__init__(num_sequences, mask_channels, use_atlas)
+        super().__init__(num_sequences, mask_channels, use_atlas, tissue_maps)
         self.unet = UNetSkipGenerator(self.in_channels, num_sequences, num_downs, ngf, norm, dropout)
 
     def synthesise(self, x: torch.Tensor) -> torch.Tensor:

@@ -222,19 +222,22 @@ def comparison_figure(
         ).eval()
         for run in runs
     }
-    # One cohort and split for all runs (checked): its slices are loaded once, from the first run's config.
-    first = parsers[runs[0].name]
-    dataset, sequences = first.get_parsed_content("validate#dataset"), first.get_parsed_content("sequences")
+    # One cohort and split for all runs (checked): its slices are loaded once, from the config of a run
+    # whose network takes tissue maps (Shin et al.) if there is one, so that the items carry them.
+    takes_tissue = {name: bool(getattr(network, "tissue_maps", False)) for name, network in networks.items()}
+    source = next((name for name, wanted in takes_tissue.items() if wanted), runs[0].name)
+    dataset = parsers[source].get_parsed_content("validate#dataset")
+    sequences = parsers[source].get_parsed_content("sequences")
     lesion = [int((dataset[i]["label"] >= 2).sum()) for i in range(len(dataset))]
     item = dataset[int(np.argmax(lesion))]
     real = item["image"].numpy()
-    x = torch.cat([item["mask"], item["atlas"]])[None]
     rows, titles, overlays = [], [], []
     box = _lesion_box(item["label"][0].numpy())
     with torch.no_grad():
-        synthesised = {
-            name: network(x)[0, : len(sequences)].float().numpy() for name, network in networks.items()
-        }
+        synthesised = {}
+        for name, network in networks.items():
+            x = torch.cat([item["mask"], item["atlas"], *([item["tissue"]] if takes_tissue[name] else [])])
+            synthesised[name] = network(x[None])[0, : len(sequences)].float().numpy()
     for name, images in [("real", real), *synthesised.items()]:
         row, overlay = [], []
         for channel in range(len(sequences)):

@@ -50,6 +50,7 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     NUM_LABELS,
+    TISSUE_COLUMNS,
     atlas_column,
     confidence_column,
 )
@@ -214,8 +215,9 @@ class SyntheticCohortBuilder:
         self.image_size, self.device = int(image_size), torch.device(device)
         self.segmenter = segmenter
         self.settings = {
+            # None: the gate is off (a model that trains no U-Net, e.g. the pix2pix family).
             "segmentation_threshold": segmentation_threshold
-            if segmentation_threshold == "auto"
+            if segmentation_threshold in ("auto", None)
             else float(segmentation_threshold),
             "memorisation_threshold": float(memorisation_threshold),
             "memorisation_action": memorisation_action,
@@ -339,6 +341,8 @@ class SyntheticCohortBuilder:
             ]
             # The source's real images set the intensity windows the synthesis is mapped back into.
             item[sequence] = row[sequence]
+        # A model conditioned on tissue maps (Shin et al.) takes the source's, with the new lesion excluded.
+        item.update({c: row[c] for c in TISSUE_COLUMNS if str(row.get(c, "") or "")})
         return item
 
     def _source_grid_label(self, row: pd.Series) -> torch.Tensor:

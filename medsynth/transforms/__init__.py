@@ -41,3 +41,4 @@ from medsynth.transforms.slices import (
     neighbour_slices,
     select_slices,
 )
+from medsynth.transforms.tissue import TissueMapsForLabel, TissueMapsForLabeld, stacked_tissue_maps

@@ -12,7 +12,9 @@ is what its documented commands list (``bundles/README.md``). A derived bundle w
 differs from the base's (another trainer, other discriminators: pix2pix) adds
 ``"train_overrides": "<name>_train.json"``, inserted next in the workflows built on ``train.json``
 only (MONAI cannot merge ``train#...`` keys into ``inference.json``); and its own copy of one of the
-base's later configs (``paper.json``) replaces the base's.
+base's later configs (``paper.json``) replaces the base's. ``overrides`` and ``train_overrides`` may
+be lists naming another derived bundle's files (``"../../pix2pix/configs/pix2pix.json"``: Shin et al.
+is pix2pix with tissue maps); that bundle's later configs then come before the base's.
 """
 
 from __future__ import annotations
@@ -59,18 +61,25 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
     if derived:
         base = bundle / derived["bundle"]
         names = WORKFLOWS[workflow]
-        files = [base / "configs" / names[0], bundle / "configs" / derived["overrides"]]
+        overrides = [bundle / "configs" / name for name in _as_list(derived["overrides"])]
+        files = [base / "configs" / names[0], *overrides]
         if names[0] == "train.json" and derived.get("train_overrides"):
-            files.append(bundle / "configs" / derived["train_overrides"])
+            files += [bundle / "configs" / name for name in _as_list(derived["train_overrides"])]
+        # A later config: the bundle's own, else that of the bundle whose overrides it reuses,
+        # else the base's.
+        folders = [bundle / "configs", *(path.parent for path in reversed(overrides)), base / "configs"]
         for name in names[1:]:
-            own = bundle / "configs" / name
-            files.append(own if own.is_file() else base / "configs" / name)
+            files.append(next((f / name for f in folders if (f / name).is_file()), base / "configs" / name))
     else:
         files = [bundle / "configs" / name for name in WORKFLOWS[workflow]]
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"bundle {bundle}: missing config file(s) {missing}")
     return [os.path.normpath(path) for path in files]
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def parse_overrides(items: list[str]) -> dict[str, object]:

@@ -15,7 +15,7 @@ import numpy as np
 import scipy.ndimage as ndi
 
 from medsynth.data.phantom.contrast import ANATOMICAL_SEQUENCES, APTW_FWHM_MM, NOISE_SIGMA
-from medsynth.data.phantom.patient import SLAB_CENTRE_MM, PhantomPatient, reference_grid
+from medsynth.data.phantom.patient import SLAB_CENTRE_MM, PhantomPatient, Rendering, reference_grid
 from medsynth.data.phantom.sampling import (
     Grid,
     random_unit_vector,
@@ -56,6 +56,18 @@ class ReadyVolumes:
     images: dict[str, np.ndarray]
     label: np.ndarray
     brain_mask: np.ndarray
+    tissue: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def tissue_probabilities(rendering: Rendering, brain_mask: np.ndarray) -> dict[str, np.ndarray]:
+    """The ground-truth tissue probability maps of a rendering: each normal tissue's share of the voxel's
+    brain (so the maps sum to 1 where there is no lesion, as Atropos posteriors inside a brain mask),
+    lesion excluded, 0 outside ``brain_mask``."""
+    brain = np.maximum(rendering.brain, 1e-6)
+    return {
+        tissue: np.where(brain_mask > 0, np.clip(fraction / brain, 0.0, 1.0), 0.0).astype(np.float32)
+        for tissue, fraction in rendering.tissue.items()
+    }
 
 
 def acquire_ready(patient: PhantomPatient, shape: tuple[int, int, int]) -> ReadyVolumes:
@@ -71,7 +83,13 @@ def acquire_ready(patient: PhantomPatient, shape: tuple[int, int, int]) -> Ready
         else:
             noisy = _aptw_measurement(clean, grid.spacing, rng)
         images[sequence] = np.where(mask, noisy, 0.0).astype(np.float32)
-    return ReadyVolumes(grid=grid, images=images, label=rendering.label, brain_mask=mask.astype(np.uint8))
+    return ReadyVolumes(
+        grid=grid,
+        images=images,
+        label=rendering.label,
+        brain_mask=mask.astype(np.uint8),
+        tissue=tissue_probabilities(rendering, mask),
+    )
 
 
 def _aptw_measurement(clean: np.ndarray, spacing, rng: np.random.Generator) -> np.ndarray:
@@ -156,6 +174,7 @@ def acquire_raw(
         brain_mask=(rendering.label > 0).astype(np.uint8),
         label=rendering.label,
         white_matter_mask=(rendering.white_matter >= 0.9).astype(np.uint8),
+        extras={"tissue": tissue_probabilities(rendering, rendering.label > 0)},
     )
     grid = raw_grid(raw_scale)
     for sequence in ANATOMICAL_SEQUENCES:

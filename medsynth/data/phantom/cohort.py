@@ -27,7 +27,9 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     SEQUENCE_TITLES,
+    TISSUE_CLASSES,
     atlas_column,
+    tissue_column,
 )
 from medsynth.data.manifest import DEFAULT_SPLIT_FRACTIONS, split_patients, write_manifest
 from medsynth.data.phantom.acquisition import RawSequence, acquire_raw, acquire_ready
@@ -56,6 +58,8 @@ def ready_paths(out_dir: Path, pid: str) -> dict[str, Path]:
     paths = {sequence: folder / f"{pid}_{sequence}.nii.gz" for sequence in CLINICAL_SEQUENCES}
     paths[MANIFEST_LABEL_COLUMN] = folder / f"{pid}_label.nii.gz"
     paths[MANIFEST_BRAIN_MASK_COLUMN] = folder / f"{pid}_brainmask.nii.gz"
+    for tissue in TISSUE_CLASSES:  # ground truth for Shin et al.'s input: the normal brain, lesion excluded
+        paths[tissue_column(tissue)] = folder / f"{pid}_tissue_{tissue}.nii.gz"
     paths["montage"] = folder / f"{pid}_montage.png"
     return paths
 
@@ -191,6 +195,10 @@ def _is_complete(folder: Path, settings: dict) -> bool:
         return False
     if record.get("settings") != settings:
         return False
+    if settings.get("layout") == "ready":  # a patient written before a file joined the layout is redone
+        expected = {str(p.relative_to(folder)) for p in ready_paths(folder.parent, folder.name).values()}
+        if not expected <= set(record.get("files", [])):
+            return False
     return all((folder / name).is_file() for name in record.get("files", []))
 
 
@@ -229,6 +237,8 @@ def _write_ready_patient(patient: PhantomPatient, out_dir: Path, shape) -> list[
         written.append(save_nifti(image, affine, paths[sequence], dtype=np.float32))
     written.append(save_nifti(volumes.label, affine, paths[MANIFEST_LABEL_COLUMN], dtype=np.uint8))
     written.append(save_nifti(volumes.brain_mask, affine, paths[MANIFEST_BRAIN_MASK_COLUMN], dtype=np.uint8))
+    for tissue, probability in volumes.tissue.items():
+        written.append(save_nifti(probability, affine, paths[tissue_column(tissue)], dtype=np.float32))
     written.append(write_montage(volumes.images, volumes.label, paths["montage"], title=patient.patient_id))
     return written
 
@@ -309,6 +319,7 @@ def _write_ready_manifest(out_dir: Path, ids: list[str], seed: int, split_fracti
         row.update({s: str(paths[s]) for s in CLINICAL_SEQUENCES})
         row[MANIFEST_LABEL_COLUMN] = str(paths[MANIFEST_LABEL_COLUMN])
         row[MANIFEST_BRAIN_MASK_COLUMN] = str(paths[MANIFEST_BRAIN_MASK_COLUMN])
+        row.update({tissue_column(t): str(paths[tissue_column(t)]) for t in TISSUE_CLASSES})
         row.update({atlas_column(s): str(atlas[s]) for s in CLINICAL_SEQUENCES if s in atlas})
         rows.append(row)
     manifest_path = out_dir / "manifest.csv"
@@ -326,6 +337,10 @@ def _write_raw_patient(patient: PhantomPatient, folder: Path, shape, raw_scale: 
     written.append(save_nifti(aptw.image, aptw.grid.affine, folder / "aptw.nii.gz", dtype=np.float32))
     written.append(save_nifti(aptw.label, aptw.grid.affine, truth / "label.nii.gz", dtype=np.uint8))
     written.append(save_nifti(aptw.brain_mask, aptw.grid.affine, truth / "brain_mask.nii.gz", dtype=np.uint8))
+    for tissue, probability in aptw.extras["tissue"].items():  # scores preprocessing's Atropos maps
+        written.append(
+            save_nifti(probability, aptw.grid.affine, truth / f"tissue_{tissue}.nii.gz", np.float32)
+        )
     written.append(
         save_nifti(aptw.brain_mask, aptw.grid.affine, truth / "brain_mask_aptw.nii.gz", dtype=np.uint8)
     )

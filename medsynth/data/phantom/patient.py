@@ -73,6 +73,9 @@ class Rendering:
     brain: np.ndarray  # brain fraction
     white_matter: np.ndarray  # normal white-matter fraction
     fractions: dict[str, np.ndarray] = field(default_factory=dict)  # lesion classes (+ ``head``)
+    tissue: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # normal csf, gm, wm fractions, lesion excluded
 
 
 @dataclass
@@ -257,4 +260,5 @@ class PhantomPatient:
             brain=brain_avg,
             white_matter=white_matter,
             fractions=lesion_avg,
+            tissue={t: fractions[t] for t in _NORMAL_TISSUES},
         )
