@@ -63,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--no-qc", action="store_true", help="skip the QC figures")
     run.add_argument(
+        "--drop-incomplete-sequences",
+        action="store_true",
+        help="leave a sequence that some patients lack out of the whole cohort (said once) instead of "
+        "refusing those patients",
+    )
+    run.add_argument(
         "--tissue-maps",
         action="store_true",
         help="also make CSF, grey- and white-matter probability maps (ANTs Atropos inside the brain, "
@@ -109,6 +115,7 @@ def _run(args: argparse.Namespace) -> int:
         qc=not args.no_qc,
         progress=not args.no_progress,
         tissue_maps=args.tissue_maps,
+        drop_incomplete_sequences=args.drop_incomplete_sequences,
     )
     result = run_cohort(args.input, args.output, config)
     print(f"manifest: {result.manifest}\ntimings: {result.timings}\nQC: {result.qc_page}")

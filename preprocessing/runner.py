@@ -73,6 +73,8 @@ class CohortConfig:
         nyul_range: Nyúl standard scale.
         qc: write the QC figures and page.
         progress: show progress bars.
+        drop_incomplete_sequences: a sequence some patients lack is left out of the whole cohort (said
+            once) instead of those patients being refused.
         tissue_maps: also make the CSF, grey- and white-matter probability maps (ANTs Atropos inside
             the brain mask, lesion excluded; :mod:`preprocessing.tissue`), the input of Shin et al.
     """
@@ -88,6 +90,7 @@ class CohortConfig:
     qc: bool = True
     progress: bool = True
     tissue_maps: bool = False
+    drop_incomplete_sequences: bool = False
 
 
 @dataclass
@@ -317,7 +320,7 @@ def _build_atlas(
 
 
 def cohort_sequences(
-    sequences_by_patient: Mapping[str, Sequence[str]],
+    sequences_by_patient: Mapping[str, Sequence[str]], drop_incomplete: bool = False
 ) -> tuple[list[str], dict[str, list[str]], dict[str, list[str]]]:
     """The cohort's sequences from what each patient has: ``(kept, lacking, dropped)``.
 
@@ -325,19 +328,26 @@ def cohort_sequences(
     patient lacking one of them is refused (``lacking``: patient -> the kept sequences it lacks),
     rather than silently taking the sequence out of everyone's atlas; a sequence at most half have
     is left out of the cohort (``dropped``: sequence -> the patients that have it); at a tie the
-    patients are kept and the sequence is dropped.
+    patients are kept and the sequence is dropped. With ``drop_incomplete`` every patient is kept and
+    the cohort has only the sequences all of them have.
     """
     count = len(sequences_by_patient)
     held = {s: [p for p, seqs in sequences_by_patient.items() if s in seqs] for s in CLINICAL_SEQUENCES}
-    kept = [s for s in CLINICAL_SEQUENCES if held[s] and 2 * len(held[s]) > count]
+    needed = count if drop_incomplete else count // 2 + 1
+    kept = [s for s in CLINICAL_SEQUENCES if held[s] and len(held[s]) >= needed]
     dropped = {s: holders for s, holders in held.items() if holders and s not in kept}
     lacking = {p: [s for s in kept if s not in seqs] for p, seqs in sequences_by_patient.items()}
     return kept, {p: missing for p, missing in lacking.items() if missing}, dropped
 
 
-def _apply_cohort_sequences(summaries: dict[str, dict[str, Any]], failures: dict[str, str]) -> None:
-    """Refuse the patients lacking one of the cohort's sequences and leave the rare ones out (said once)."""
-    kept, lacking, dropped = cohort_sequences({p: s["sequences"] for p, s in summaries.items()})
+def _apply_cohort_sequences(
+    summaries: dict[str, dict[str, Any]], failures: dict[str, str], drop_incomplete: bool = False
+) -> None:
+    """Refuse the patients lacking one of the cohort's sequences and leave the rare ones out (said once);
+    with ``drop_incomplete``, leave out every sequence some patient lacks instead."""
+    kept, lacking, dropped = cohort_sequences(
+        {p: s["sequences"] for p, s in summaries.items()}, drop_incomplete
+    )
     for sequence, holders in dropped.items():
         logger.warning(
             "%s is left out of the cohort: only %d of %d patient(s) have it (%s)",
@@ -348,8 +358,9 @@ def _apply_cohort_sequences(summaries: dict[str, dict[str, Any]], failures: dict
         )
     for pid, missing in lacking.items():
         failures[pid] = (
-            f"lacks {', '.join(missing)}, which the other patients have: add the series, or leave the "
-            "patient out of --input"
+            f"lacks {', '.join(missing)}, which the other patients have: add the series, leave the "
+            "patient out of --input, or rerun with --drop-incomplete-sequences to leave the sequence "
+            "out of the cohort"
         )
         summaries.pop(pid)
     for summary in summaries.values():
@@ -403,7 +414,7 @@ def run_cohort(
             else:
                 failures[record["patient_id"]] = record["error"]
                 logger.debug(record["traceback"])
-        _apply_cohort_sequences(summaries, failures)
+        _apply_cohort_sequences(summaries, failures, config.drop_incomplete_sequences)
         train = [summaries[p] for p in ids if p in summaries and splits[p] == "train"]
         finals: dict[str, dict[str, Any]] = {}
         if not train:

@@ -233,6 +233,12 @@ def test_preprocessing_refuses_a_patient_lacking_a_sequence_the_others_have():
     assert cohort_sequences({"P1": ["t1w"], "P2": ["t1w"]}) == (["t1w"], {}, {})
     # A tie keeps the patients: the sequence half of them have is dropped.
     assert cohort_sequences({"P1": ["t1w", "aptw"], "P2": ["t1w"]}) == (["t1w"], {}, {"aptw": ["P1"]})
+    # --drop-incomplete-sequences: every patient kept, the cohort has what all of them have.
+    kept, lacking, dropped = cohort_sequences(
+        {"P1": ["t1w", "flair", "aptw"], "P2": ["t1w", "flair"], "P3": ["t1w", "flair"], "P4": ["t1w"]},
+        drop_incomplete=True,
+    )
+    assert (kept, lacking) == (["t1w"], {}) and dropped == {"flair": ["P1", "P2", "P3"], "aptw": ["P1"]}
 
 
 def test_an_unwritable_output_folder_is_named_before_any_work(tmp_path):
@@ -338,3 +344,34 @@ def test_weights_saved_by_an_older_release_still_load_through_the_check(tmp_path
     load_checked_weights(target, tmp_path / "model.pt")
     for key, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("damage", ["truncated mask", "atlas of other sequences"])
+def test_a_truncated_mask_or_an_atlas_of_other_sequences_is_named(tiny_runs, monkeypatch, tmp_path, damage):
+    """Two of the issue's buried messages: a truncated mask file, and an atlas folder with fewer
+    sequences than the model (it used to end in ``size mismatch ... state_dict``)."""
+    import shutil
+
+    from medsynth.data.cohort import resolve_cohort
+
+    monkeypatch.chdir(tiny_runs["repo"])
+    manifest = resolve_cohort(
+        "", tiny_runs["cache"], phantom_patients=3, phantom_shape=(40, 40, 6), progress=False
+    )
+    mask = tmp_path / "mask.nii.gz"
+    shutil.copy(manifest.iloc[0]["label"], mask)
+    atlas = tmp_path / "atlas"
+    shutil.copytree(Path(manifest.iloc[0]["atlas_t1w"]).parent, atlas)
+    if damage == "truncated mask":
+        mask.write_bytes(mask.read_bytes()[:300])
+        words = ("mask.nii.gz", "truncated")
+    else:
+        (atlas / "atlas_aptw.nii.gz").unlink()
+        words = ("atlas folder holds", "missing ['aptw']")
+    code, output = _synthesize(
+        tiny_runs, tiny_runs["runs"]["cg_samr"], "--mask-file", str(mask), "--atlas-dir", str(atlas)
+    )
+    assert code == 2, output[-2000:]
+    _one_clean_error(output, *words)
+    assert "size mismatch" not in output and "state_dict" not in output
+    assert not (tmp_path / "inference_out").exists()

@@ -226,3 +226,36 @@ def test_real_brats_instances(real_brats):
         assert torch.equal(item["atlas"][3 * i + 2], after["atlas"][3 * i + 1])
         assert torch.equal(item["atlas"][3 * i + 1], after["atlas"][3 * i + 0])
         assert not torch.equal(item["atlas"][3 * i + 0], item["atlas"][3 * i + 2])
+
+
+def test_user_csv_tissue_maps_are_optional_columns_checked_like_the_images(tmp_path):
+    """Shin et al.'s input: tissue_<class> columns are resolved, kept in the manifest, and refused when
+    partial or not probabilities (naming the patient, the file and the problem)."""
+    csv, source = _user_csv(tmp_path, with_brain_mask=True)
+    table = pd.read_csv(csv)
+    rng = np.random.default_rng(0)
+    for pid in source["patient_id"]:
+        label = nib.load(source.loc[source["patient_id"] == pid, "label"].iloc[0])
+        shares = rng.dirichlet(np.ones(3), size=label.shape).astype(np.float32)
+        for k, tissue in enumerate(("csf", "gm", "wm")):
+            save_nifti(shares[..., k], label.affine, tmp_path / "data" / pid / f"{pid}_{tissue}.nii.gz")
+    for tissue in ("csf", "gm", "wm"):
+        table[f"Tissue_{tissue.upper()}"] = [f"data/{p}/{p}_{tissue}.nii.gz" for p in table["patient_id"]]
+    table.to_csv(csv, index=False)
+    manifest = resolve_cohort(str(csv), tmp_path / "cache", progress=False)
+    assert manifest["tissue_wm"].tolist() == [
+        str(tmp_path / "data" / p / f"{p}_wm.nii.gz") for p in manifest["patient_id"]
+    ]
+    dataset = make_slice_dataset(manifest, "train", image_size=16, progress=False, with_tissue=True)
+    assert dataset[0]["tissue"].shape == (3, 16, 16)
+
+    broken = tmp_path / "data" / "P001" / "P001_gm.nii.gz"
+    image = nib.load(broken)
+    save_nifti(np.asanyarray(image.dataobj) * 100, image.affine, broken)
+    with pytest.raises(
+        CohortValidationError, match=r"P001.*P001_gm.nii.gz.*tissue_gm is not a probability map"
+    ):
+        resolve_cohort(str(csv), tmp_path / "cache", progress=False)
+    table.drop(columns=["Tissue_GM"]).to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="tissue maps must be given for every class"):
+        user_csv_cohort(csv, tmp_path / "derived", progress=False)

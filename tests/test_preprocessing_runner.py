@@ -183,3 +183,63 @@ def test_cli_exit_code_is_nonzero_when_a_patient_fails(tmp_path, cohort):
     )
     assert code == 1
     assert "broken_patient" in json.loads((tmp_path / "out" / "failures.json").read_text())["failures"]
+
+
+def test_no_identifier_or_free_text_leaves_a_whole_preprocessing_run_on_dicom(tmp_path, cohort):
+    """Identifiers planted in every identifying and free-text DICOM field (private tags included) of a
+    patient's T1w series, and of a second patient whose T1w folder mixes two series, reach no output
+    of ``python -m preprocessing run``: names, manifest, markers, ``failures.json``, the QC page, the
+    NIfTI headers and what it prints. The mixed patient is refused by series number."""
+    import gzip
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pydicom
+    from pydicom.uid import generate_uid
+    from test_preprocessing_dicom import FREE_TEXT_AND_PEOPLE, IDENTIFIERS
+
+    raw_fixture = cohort[0]
+    planted = "PLANTED_Jane_Roe"
+    raw = tmp_path / "raw"
+    shutil.copytree(raw_fixture / "phantom_000", raw / "phantom_000")
+    shutil.copytree(raw_fixture / "phantom_001", raw / "mixed_patient")
+    second = raw / "mixed_patient" / "t1w" / "second_series"
+    shutil.copytree(raw / "mixed_patient" / "t1w", second)
+    uid = generate_uid()
+    for path in sorted(raw.rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        ds.PatientName, ds.PatientID, ds.PatientBirthDate = IDENTIFIERS[0], IDENTIFIERS[2], IDENTIFIERS[3]
+        ds.StudyDate, ds.InstitutionName, ds.AccessionNumber = IDENTIFIERS[4], IDENTIFIERS[5], IDENTIFIERS[6]
+        for keyword in FREE_TEXT_AND_PEOPLE:
+            setattr(ds, keyword, f"{planted} {keyword}")
+        ds.SeriesDescription = ds.ProtocolName = f"{planted} protocol"
+        ds.private_block(0x0011, "ACME PRIVATE", create=True).add_new(0x01, "LO", f"{planted} private")
+        if second in path.parents:
+            ds.SeriesNumber, ds.SeriesInstanceUID = 9, uid
+        ds.save_as(path)
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "preprocessing", "run", "--input", str(raw), "--output", str(out),
+         "--workers", "1", "--splits", "1", "0", "0", "--label-glob", "truth/label.nii.gz",
+         "--atlas-iterations", "1", "--no-progress"],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    printed = result.stdout + result.stderr
+    assert result.returncode == 1, printed[-3000:]  # the mixed patient failed, the other went through
+    failures = json.loads((out / "failures.json").read_text())["failures"]
+    assert list(failures) == ["mixed_patient"] and "series" in failures["mixed_patient"]
+    assert (out / "phantom_000" / "phantom_000_t1w.nii.gz").is_file()
+    files = [p for p in out.rglob("*") if p.is_file()]
+    texts = [printed]
+    for path in files:
+        if path.name.endswith(".nii.gz"):  # the header and any extension, not the voxels (random bytes)
+            offset = int(nib.load(path).header["vox_offset"])
+            texts.append(gzip.decompress(path.read_bytes())[:offset].decode("latin-1"))
+        elif path.suffix in (".json", ".csv", ".html", ".txt", ".md"):
+            texts.append(path.read_text())
+    names = [str(p.relative_to(out)) for p in files]
+    for identifier in (planted, *IDENTIFIERS):
+        found = [text[max(0, text.find(identifier) - 80) :][:200] for text in texts if identifier in text]
+        assert not found, (identifier, found[:2])
+        assert not any(identifier in name for name in names), identifier

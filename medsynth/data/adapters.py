@@ -6,8 +6,9 @@ Three sources are understood:
 * a *BraTS* folder, ``<case>/<case>_{t1,t1ce,t2,flair,seg}.nii.gz``: the label map of this project and
   a brain mask are derived per case, and a group atlas is averaged over the train split;
 * a *user CSV*: ``patient_id``, one path column per sequence (aliases such as ``t1ce`` allowed),
-  ``label``; optional ``brain_mask`` (else ``label > 0``), ``split`` (else assigned from the seed) and
-  ``atlas_<sequence>`` columns (else averaged over the train split, which needs a common grid).
+  ``label``; optional ``brain_mask`` (else ``label > 0``), ``split`` (else assigned from the seed),
+  ``atlas_<sequence>`` columns (else averaged over the train split, which needs a common grid) and
+  ``tissue_csf``, ``tissue_gm``, ``tissue_wm`` (probability maps on the label's grid, Shin et al.'s input).
 
 Derived files go to an output folder, are written atomically, and are reused when present, so an
 interrupted run resumes where it stopped.
@@ -34,6 +35,7 @@ from medsynth.constants import (
     MANIFEST_BRAIN_MASK_COLUMN,
     MANIFEST_LABEL_COLUMN,
     SPLITS,
+    TISSUE_COLUMNS,
     atlas_column,
     canonical_sequence,
 )
@@ -435,7 +437,7 @@ def canonical_csv_columns(columns: Sequence[str]) -> dict[str, str]:
     mapping: dict[str, str] = {}
     for column in columns:
         key = column.strip().lower()
-        if key in fixed:
+        if key in fixed or key in TISSUE_COLUMNS:
             mapping[column] = key
         elif key.startswith("atlas_"):
             mapping[column] = atlas_column(canonical_sequence(key[len("atlas_") :]))
@@ -566,6 +568,12 @@ def user_csv_cohort(
         )
     if not present and build_atlas:
         table = _attach_group_atlas(table, sequences, out_dir / ATLAS_DIRNAME, progress)
+    tissue = [c for c in TISSUE_COLUMNS if c in table.columns]
+    if tissue and len(tissue) != len(TISSUE_COLUMNS):
+        raise ValueError(
+            f"{csv_path}: tissue maps must be given for every class or for none; "
+            f"have {tissue}, missing {sorted(set(TISSUE_COLUMNS) - set(tissue))}"
+        )
     columns = [c for c in ["patient_id", "split", *_manifest_columns(sequences)] if c in table.columns]
     manifest = table[columns].reset_index(drop=True)
     write_manifest(manifest, out_dir / MANIFEST_NAME)
@@ -577,6 +585,7 @@ def _manifest_columns(sequences: Sequence[str]) -> list[str]:
         *sequences,
         MANIFEST_LABEL_COLUMN,
         MANIFEST_BRAIN_MASK_COLUMN,
+        *TISSUE_COLUMNS,  # optional: Shin et al.'s input
         *(atlas_column(s) for s in sequences),
     ]
 

@@ -98,6 +98,10 @@ def synthesis_cases(
         items = [_item(name, "train", mask_file, find_atlas_files(atlas_dir, sequences), brain_mask_file)]
         if tissue_maps:
             items[0].update(find_tissue_files(tissue_dir))
+        _require_readable(
+            {**items[0], "donor": donor_file},
+            [MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN, "donor", *TISSUE_COLUMNS],
+        )
     else:
         if manifest is None:
             raise ValueError("give a cohort manifest or a mask_file (with atlas_dir)")
@@ -140,6 +144,43 @@ def synthesis_cases(
             if donor:
                 item["donor"] = donor
     return items
+
+
+def _require_the_models_sequences(sequences: Sequence[str], model_dir: str, atlas_dir: str) -> None:
+    """An atlas folder must hold the sequences the model synthesises (its training atlas' record says
+    which), else the network would be built for other sequences and fail on its weights."""
+    import json
+
+    from medsynth.data.atlas import MODEL_ATLAS_RECORD
+
+    record = Path(model_dir or "") / MODEL_ATLAS_RECORD
+    if not model_dir or not record.is_file():
+        return
+    trained = list(json.loads(record.read_text()).get("sequences", []))
+    if trained and sorted(trained) != sorted(sequences):
+        missing = [s for s in trained if s not in sequences]
+        extra = [s for s in sequences if s not in trained]
+        detail = "; ".join(
+            part
+            for part in (f"missing {missing}" if missing else "", f"not the model's {extra}" if extra else "")
+            if part
+        )
+        raise InputDataError(
+            f"the atlas folder holds {sorted(sequences)} but the model synthesises {trained} ({detail}): "
+            "give an atlas of the model's sequences",
+            path=atlas_dir,
+        )
+
+
+def _require_readable(item: dict[str, Any], keys: Sequence[str]) -> None:
+    """The single-mask mode's files are checked before any transform reads them (a truncated file is
+    named, as in a cohort's validation)."""
+    from medsynth.data.validation import source_file_problems
+
+    files = {key: str(item[key]) for key in keys if str(item.get(key, "") or "")}
+    problems = source_file_problems(files, str(item["case"]), ())
+    if problems:
+        raise problems[0]
 
 
 def find_tissue_files(tissue_dir: str | Path) -> dict[str, str]:
@@ -202,7 +243,9 @@ def synthesis_inputs(
                 logger.info("mask_file: using the model's atlas (%s)", record["fingerprint"])
         else:
             logger.warning("mask_file: using the atlas of %s, not necessarily the model's", atlas_dir)
-        return {"manifest": None, "sequences": list(find_atlas_files(atlas_dir)), "atlas_dir": atlas_dir}
+        sequences = list(find_atlas_files(atlas_dir))
+        _require_the_models_sequences(sequences, model_dir, atlas_dir)
+        return {"manifest": None, "sequences": sequences, "atlas_dir": atlas_dir}
     manifest = resolve_model_cohort(
         dataset_dir,
         cache_dir,
