@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import medsynth
 import medsynth.commands
-from medsynth.utils.errors import INPUT_PROBLEMS
+from medsynth.utils.errors import input_problem_in
 from medsynth.utils.logging import setup_logging
 
 logger = logging.getLogger("medsynth")
@@ -55,23 +55,12 @@ def run_reporting_input_problems(func, args: argparse.Namespace, debug: bool = F
     except Exception as error:
         # Input problems are the user's to fix: say what is wrong without a traceback. MONAI's bundle
         # runner wraps them ("Failed to evaluate ..."), so the cause chain is searched for one.
-        problem = _input_problem(error)
+        problem = input_problem_in(error)
         if problem is None or debug:
             raise
         if not getattr(problem, "_medsynth_reported", False):  # an entry point may have said it already
             logger.error("%s", problem)
         return 2
-
-
-def _input_problem(error: BaseException) -> BaseException | None:
-    """The first of :data:`INPUT_PROBLEMS` in ``error``'s cause chain, or ``None``."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, INPUT_PROBLEMS):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 if __name__ == "__main__":

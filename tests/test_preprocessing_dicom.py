@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medsynth.errors import InputDataError
+from medsynth.utils.dicom import save_dicom
 from preprocessing.dicom import convert_series, list_series, read_dicom_series
 from preprocessing.imageio import load_image
 
@@ -104,7 +105,7 @@ def write_series(
         ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
         ds.PixelData = stored.tobytes()
         path = folder / f"img_{series_number}_{file_index:03d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
+        save_dicom(ds, path)
         if gzip_every and file_index % gzip_every == 0:
             with open(path, "rb") as src, gzip.open(f"{path}.gz", "wb") as dst:
                 shutil.copyfileobj(src, dst)

@@ -458,7 +458,7 @@ def test_the_inference_network_returns_confidence_maps_only_where_the_generator_
 
 
 def test_the_cli_finds_an_input_problem_that_monai_wrapped():
-    from medsynth.cli import _input_problem
+    from medsynth.utils.errors import input_problem_in
 
     try:
         try:
@@ -466,8 +466,8 @@ def test_the_cli_finds_an_input_problem_that_monai_wrapped():
         except FileNotFoundError as cause:
             raise RuntimeError("Failed to evaluate ConfigExpression") from cause
     except RuntimeError as wrapped:
-        assert "segmenter.pt" in str(_input_problem(wrapped))
-    assert _input_problem(RuntimeError("a bug, not the user's input")) is None
+        assert "segmenter.pt" in str(input_problem_in(wrapped))
+    assert input_problem_in(RuntimeError("a bug, not the user's input")) is None
 
 
 def test_the_confidence_weighted_arm_trains_on_synthetic_voxels_weighted_by_their_confidence(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-__all__ = ["INPUT_PROBLEMS", "reports_input_problems"]
+__all__ = ["INPUT_PROBLEMS", "input_problem_in", "reports_input_problems"]
 
 logger = logging.getLogger("medsynth")
 
@@ -28,6 +28,18 @@ INPUT_PROBLEMS: tuple[type[BaseException], ...] = (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def input_problem_in(error: BaseException) -> BaseException | None:
+    """The first of :data:`INPUT_PROBLEMS` in ``error``'s cause chain, or ``None`` (MONAI's bundle
+    runner wraps the project's errors in ``RuntimeError("Failed to evaluate ...")``)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, INPUT_PROBLEMS):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def reports_input_problems(function: F) -> F:

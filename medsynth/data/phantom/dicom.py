@@ -17,6 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 import medsynth
 from medsynth.data.phantom.sampling import Grid
+from medsynth.utils.dicom import save_dicom
 from medsynth.utils.geometry import RAS_TO_LPS
 from medsynth.utils.io import atomic_path
 
@@ -85,7 +86,7 @@ def write_dicom_series(
         )
         path = folder / f"slice_{k + 1:04d}.dcm"
         with atomic_path(path) as tmp:
-            dataset.save_as(tmp, enforce_file_format=True)
+            save_dicom(dataset, tmp)
         files.append(path)
     return files
 
