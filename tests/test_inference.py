@@ -315,3 +315,44 @@ def test_outputs_equal_those_of_medsynth_0_1(tmp_path):
             np.testing.assert_allclose(
                 np.asarray(written.dataobj), reference[f"{name}_{sequence}"], rtol=1e-5, atol=1e-4
             )
+
+
+class AtlasAndConfidence(nn.Module):
+    """A network returning images and (CG-SAMR-like) confidence maps: the atlas' centre slices, then a
+    known map per sequence (0.25, 0.5, 0.75) so that its way back to the input grid is checkable."""
+
+    def __init__(self):
+        super().__init__()
+        self.images = CentreAtlasSlice()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        images = self.images(x)
+        levels = torch.tensor([0.25, 0.5, 0.75], dtype=x.dtype, device=x.device)[None, :, None, None]
+        return torch.cat([images, levels.expand_as(images)], dim=1)
+
+
+def test_confidence_maps_come_back_on_the_input_grid_with_the_images(tmp_path):
+    shape = (24, 30, 5)
+    _, atlas, cases = _write_case(tmp_path, shape, np.diag([1.0, 1.0, 2.0, 1.0]))
+
+    def run(network, out):
+        preprocessing = synthesis_preprocessing(SEQUENCES, 32)
+        postprocessing = synthesis_postprocessing(preprocessing, str(out), SEQUENCES, with_confidence=True)
+        loader = DataLoader(Dataset(cases, preprocessing), batch_size=1)
+        SupervisedEvaluator("cpu", loader, network, inferer=SliceStackInferer(batch_size=2),
+                            postprocessing=postprocessing).run()  # fmt: skip
+
+    run(AtlasAndConfidence(), tmp_path / "out")
+    case = tmp_path / "out" / "case7_label"
+    for level, sequence in zip((0.25, 0.5, 0.75), SEQUENCES, strict=True):
+        confidence = nib.load(case / f"confidence_{sequence}.nii.gz")
+        assert confidence.shape == shape
+        np.testing.assert_allclose(confidence.get_fdata(), level, atol=1e-6)
+    expected = _clip_to_window(atlas)
+    np.testing.assert_allclose(nib.load(case / "t1w.nii.gz").get_fdata(), expected[0], rtol=1e-4, atol=1e-2)
+    manifest = (tmp_path / "out" / "manifest.csv").read_text()
+    assert "case7_label/confidence_flair.nii.gz" in manifest
+    # A generator without maps (SAMR) under the same setting: the images alone, no confidence file.
+    run(CentreAtlasSlice(), tmp_path / "plain")
+    assert (tmp_path / "plain" / "case7_label" / "t1w.nii.gz").is_file()
+    assert not list((tmp_path / "plain" / "case7_label").glob("confidence_*"))

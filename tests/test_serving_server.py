@@ -57,6 +57,7 @@ def server(tmp_path_factory):
     studies.mkdir()
     label = nib.load(patient["label"])
     nib.save(label, studies / "case1.nii.gz")
+    nib.save(nib.load(manifest.iloc[1]["label"]), studies / "case2.nii.gz")  # a transplant's donor
     sequences = ["t1w", "gd_t1w", "t2w", "flair", "aptw"]
     stack = np.stack([nib.load(patient[s]).get_fdata(dtype=np.float32) for s in sequences], axis=-1)
     nib.save(nib.Nifti1Image(stack, label.affine), studies / "mr1.nii.gz")
@@ -125,12 +126,15 @@ def test_synthesis_answers_what_the_bundle_writes(server, tmp_path, manipulation
 
     written = synthesize(server["url"], "cg_samr", server["studies"] / "case1.nii.gz", tmp_path / "served",
                          {"manipulation": manipulation, "seed": 1})  # fmt: skip
+    sequences = ["t1w", "gd_t1w", "t2w", "flair", "aptw"]
     assert sorted(p.name for p in written) == sorted(
-        ["t1w.nii.gz", "gd_t1w.nii.gz", "t2w.nii.gz", "flair.nii.gz", "aptw.nii.gz", "label.nii.gz",
-         "brain_mask.nii.gz", "synthesis.json"])  # fmt: skip
-    direct = _direct_synthesis(server, tmp_path, manipulation=manipulation, seed=1)
+        [f"{s}.nii.gz" for s in sequences] + [f"confidence_{s}.nii.gz" for s in sequences]
+        + ["label.nii.gz", "brain_mask.nii.gz", "synthesis.json"])  # fmt: skip
+    direct = _direct_synthesis(server, tmp_path, manipulation=manipulation, seed=1, with_confidence=True)
+    confidence = nib.load(tmp_path / "served" / "confidence_flair.nii.gz").get_fdata()
+    assert 0 <= confidence.min() and confidence.max() <= 1  # CG-SAMR's maps, on the input grid
     source = nib.load(server["studies"] / "case1.nii.gz")
-    for name in ("t1w.nii.gz", "aptw.nii.gz", "label.nii.gz"):
+    for name in ("t1w.nii.gz", "aptw.nii.gz", "label.nii.gz", "confidence_flair.nii.gz"):
         served, expected = nib.load(tmp_path / "served" / name), nib.load(direct / name)
         assert served.shape == source.shape
         np.testing.assert_allclose(served.affine, source.affine, atol=1e-5)
@@ -139,6 +143,17 @@ def test_synthesis_answers_what_the_bundle_writes(server, tmp_path, manipulation
         nib.load(tmp_path / "served" / "label.nii.gz").get_fdata(), source.get_fdata()
     )
     assert changed == (manipulation == "mirror")
+
+
+def test_a_transplant_takes_its_donor_from_the_datastore(server, tmp_path):
+    from medsynth.serving.client import synthesize
+
+    written = synthesize(server["url"], "cg_samr", server["studies"] / "case1.nii.gz", tmp_path / "served",
+                         {"manipulation": "transplant", "donor": "case2"})  # fmt: skip
+    record = json.loads(next(p for p in written if p.name == "synthesis.json").read_text())
+    assert record["manipulation_info"]["operation"] == "transplant_lesion"
+    label = nib.load(tmp_path / "served" / "label.nii.gz").get_fdata()
+    assert not np.array_equal(label, nib.load(server["studies"] / "case1.nii.gz").get_fdata())
 
 
 def test_one_sequence_by_datastore_id(server, tmp_path):

@@ -11,6 +11,7 @@ from medsynth.inference.transforms import (
     OutputWindowsd,
     RealImageWindowsd,
     SaveSynthesisd,
+    SplitConfidenced,
     synthesis_postprocessing,
     synthesis_preprocessing,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "OutputWindowsd",
     "RealImageWindowsd",
     "SaveSynthesisd",
+    "SplitConfidenced",
     "SliceStackInferer",
     "find_atlas_files",
     "optimize_for_inference",

@@ -42,6 +42,7 @@ from medsynth.constants import (
     MANIFEST_LABEL_COLUMN,
     TISSUE_COLUMNS,
     atlas_column,
+    confidence_column,
 )
 from medsynth.data.conventions import foreign_convention_problem
 from medsynth.errors import InputDataError
@@ -62,6 +63,7 @@ __all__ = [
     "OutputWindowsd",
     "RealImageWindowsd",
     "SaveSynthesisd",
+    "SplitConfidenced",
     "add_manifest_row",
     "restore_input_grid",
     "source_file_key",
@@ -347,6 +349,12 @@ class SaveSynthesisd(MapTransform):
         files[MANIFEST_LABEL_COLUMN] = save_nifti(label, affine, out_dir / "label.nii.gz", np.uint8)
         brain = _array(d[self.brain_key][0]) > 0
         files[MANIFEST_BRAIN_MASK_COLUMN] = save_nifti(brain, affine, out_dir / "brain_mask.nii.gz", np.uint8)
+        if "confidence" in d:  # CG-SAMR's confidence maps, with the network's outputs requested
+            for channel, sequence in enumerate(self.sequences):
+                name = confidence_column(sequence)
+                files[name] = save_nifti(
+                    _array(d["confidence"][channel]), affine, out_dir / f"{name}.nii.gz", np.float32
+                )
         record = {
             "case": case,
             "source_patient": d.get("source_patient", case),
@@ -364,6 +372,11 @@ class SaveSynthesisd(MapTransform):
             MANIFEST_LABEL_COLUMN: str(files[MANIFEST_LABEL_COLUMN]),
             MANIFEST_BRAIN_MASK_COLUMN: str(files[MANIFEST_BRAIN_MASK_COLUMN]),
             **{atlas_column(s): str(d.get(source_file_key(atlas_column(s)), "")) for s in self.sequences},
+            **{
+                confidence_column(s): str(files[confidence_column(s)])
+                for s in self.sequences
+                if confidence_column(s) in files
+            },
             SOURCE_COLUMN: record["source_patient"],
         }
         add_manifest_row(self.output_dir, row)
@@ -392,16 +405,37 @@ def _array(value: Any) -> np.ndarray:
     return tensor.detach().cpu().numpy()
 
 
+class SplitConfidenced(MapTransform):
+    """A prediction of ``2N`` channels (images, then CG-SAMR's confidence maps) -> ``pred_key`` with the
+    ``N`` images and ``confidence_key`` with the ``N`` maps; an ``N``-channel prediction (a generator
+    without confidence maps) is left alone."""
+
+    def __init__(
+        self, num_sequences: int, pred_key: str = "pred", confidence_key: str = "confidence"
+    ) -> None:
+        super().__init__(pred_key)
+        self.num_sequences, self.pred_key, self.confidence_key = int(num_sequences), pred_key, confidence_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        pred, n = d[self.pred_key], self.num_sequences
+        if pred.shape[0] == 2 * n:
+            d[self.confidence_key], d[self.pred_key] = pred[n:], pred[:n]
+        return d
+
+
 def synthesis_postprocessing(
     preprocessing: Compose,
     output_dir: str,
     sequences: Sequence[str],
     manipulation: str = "none",
     extra_record: Mapping[str, Any] | None = None,
+    with_confidence: bool = False,
 ) -> Compose:
     """The ``postprocessing`` of a synthesis bundle's ``inference.json``: the prediction, the label map
     and the brain back to the input grid and orientation (``Invertd`` through ``preprocessing``), the
-    prediction back to intensities, then :class:`SaveSynthesisd`.
+    prediction back to intensities, then :class:`SaveSynthesisd`. With ``with_confidence`` (the
+    network returns CG-SAMR's confidence maps after the images) the maps are written too.
 
     Args:
         preprocessing: the bundle's ``preprocessing`` (:func:`synthesis_preprocessing`).
@@ -409,10 +443,13 @@ def synthesis_postprocessing(
         sequences: the network's sequences, in channel order.
         manipulation: the manipulation of ``preprocessing`` (recorded in ``synthesis.json``).
         extra_record: added to every case's ``synthesis.json``.
+        with_confidence: split and write the confidence maps (``confidence_<sequence>.nii.gz``).
     """
+    keys = ("pred", "confidence") if with_confidence else ("pred",)
     return Compose(
         [
-            *restore_input_grid(preprocessing, sequences),
+            *([SplitConfidenced(len(sequences))] if with_confidence else []),
+            *restore_input_grid(preprocessing, sequences, keys),
             SaveSynthesisd(output_dir, sequences, manipulation, extra_record=extra_record),
         ]
     )
@@ -432,6 +469,7 @@ def restore_input_grid(
             transform=preprocessing,
             orig_keys=atlas_column(sequences[0]),
             nearest_interp=False,
+            allow_missing_keys=True,  # e.g. no confidence maps from a generator that has none
         ),
         Invertd(
             [MANIFEST_LABEL_COLUMN, MANIFEST_BRAIN_MASK_COLUMN],

@@ -2,9 +2,10 @@
 
 * :class:`SynthesisTask`: a lesion label map (the request's ``image``, or an uploaded ``label``) ->
   every sequence of a synthesis bundle (one zip: a NIfTI per sequence, the label map used, the
-  brain mask and ``synthesis.json``) or one chosen sequence as a NIfTI; the atlas is the model's
-  own; ``params`` may ask for a manipulation (mirror, grow, shrink, transplant with a datastore
-  donor, random) and a seed. MONAI Label has no "generation" type, so it is ``others``: for scripts.
+  brain mask, ``synthesis.json`` and, from CG-SAMR, ``confidence_<sequence>.nii.gz``) or one
+  chosen sequence as a NIfTI; the atlas is the model's own; ``params`` may ask for a manipulation
+  (mirror, grow, shrink, transplant with a datastore donor, random) and a seed. MONAI Label has no
+  "generation" type, so it is ``others``: for scripts.
 * :class:`LesionSegmentationTask`: a multi-sequence image (a 4D NIfTI, sequences in the model's
   order along the 4th axis) -> the lesion label map of the ``lesion_seg`` bundle; a segmentation
   task with named labels, which 3D Slicer and OHIF list.
@@ -25,7 +26,7 @@ from typing import Any
 
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from medsynth.constants import CLINICAL_SEQUENCES, LABEL_NAMES, MANIPULATIONS
+from medsynth.constants import CLINICAL_SEQUENCES, LABEL_NAMES, MANIPULATIONS, confidence_column
 from medsynth.utils.bundles import bundle_config_files
 
 logger = logging.getLogger(__name__)
@@ -155,7 +156,8 @@ class SynthesisTask(InferTask):
             "sequences": self.sequences,
             "input": "a label map (0 background, 1 normal brain, 2 edema, 3 cavity, 4 tumour): "
             "image or label",
-            "output": "a zip of one NIfTI per sequence, label.nii.gz, brain_mask.nii.gz, synthesis.json; "
+            "output": "a zip of one NIfTI per sequence, label.nii.gz, brain_mask.nii.gz, synthesis.json, "
+            "confidence_<sequence>.nii.gz (CG-SAMR); "
             "or one NIfTI with params.sequence",
             "parameters": {
                 "manipulation": list(MANIPULATIONS),
@@ -192,6 +194,7 @@ class SynthesisTask(InferTask):
                 seed=settings["seed"],
                 donor_file=settings.get("donor_file", ""),
                 device=f"$torch.device('{self.device}')",
+                with_confidence=True,  # CG-SAMR's maps come with the sequences (others have none)
                 **self.overrides,
             )
             case = work / "out" / "case"
@@ -201,14 +204,13 @@ class SynthesisTask(InferTask):
             if settings["sequence"] != "all":
                 shutil.copy(case / f"{settings['sequence']}.nii.gz", result)
             else:
+                names = [f"{s}.nii.gz" for s in self.sequences]
+                names += ["label.nii.gz", "brain_mask.nii.gz", "synthesis.json"]
+                names += [f"{confidence_column(s)}.nii.gz" for s in self.sequences]  # CG-SAMR only
                 with zipfile.ZipFile(result, "w", zipfile.ZIP_DEFLATED) as archive:
-                    for name in (
-                        *[f"{s}.nii.gz" for s in self.sequences],
-                        "label.nii.gz",
-                        "brain_mask.nii.gz",
-                        "synthesis.json",
-                    ):
-                        archive.write(case / name, name)
+                    for name in names:
+                        if (case / name).is_file():
+                            archive.write(case / name, name)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         params = {
