@@ -19,6 +19,7 @@ from medsynth.engines.handlers import (
     table_summary,
 )
 from medsynth.engines.samr import SynthesisGANTrainer
+from medsynth.engines.unpaired import MaskFromImagesTableWriter, UnpairedGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
     LesionSegmentationMetric,
@@ -45,6 +46,8 @@ __all__ = [
     "SegmentationTableWriter",
     "SynthesisEvaluator",
     "SynthesisGANTrainer",
+    "UnpairedGANTrainer",
+    "MaskFromImagesTableWriter",
     "SynthesisQualityMetric",
     "SamplerEpochSetter",
     "TrainingTimeEstimate",

@@ -8,6 +8,7 @@
 * :mod:`.samr`: the SAMR and CG-SAMR generators;
 * :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN, the pix2pixHD global generator (the
   papers' paired baselines);
+* :mod:`.unpaired`: UCG-SAMR (CG-SAMR trained from unpaired masks and images);
 * :mod:`.segmentation`: the lesion U-Net.
 """
 
@@ -42,6 +43,7 @@ from medsynth.networks.pix2pix import (
 )
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
+from medsynth.networks.unpaired import UCGSAMRGenerator, to_domain1
 
 __all__ = [
     "NORM_TYPES",
@@ -63,9 +65,11 @@ __all__ = [
     "SAMRGenerator",
     "StretchOutDecoder",
     "SynthesisInferenceNetwork",
+    "UCGSAMRGenerator",
     "UNetSkipGenerator",
     "UpsamplingStep",
     "make_lesion_unet",
     "pix2pix_patch_discriminator",
     "roi_masks",
+    "to_domain1",
 ]

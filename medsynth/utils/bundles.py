@@ -15,6 +15,8 @@ only (MONAI cannot merge ``train#...`` keys into ``inference.json``); and its ow
 base's later configs (``paper.json``) replaces the base's. ``overrides`` and ``train_overrides`` may
 be lists naming another derived bundle's files (``"../../pix2pix/configs/pix2pix.json"``: Shin et al.
 is pix2pix with tissue maps); that bundle's later configs then come before the base's.
+``"workflow_overrides": {"evaluate": "<name>_evaluate.json"}`` appends a file to one workflow, after
+the base's configs of that workflow.
 """
 
 from __future__ import annotations
@@ -70,6 +72,9 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
         folders = [bundle / "configs", *(path.parent for path in reversed(overrides)), base / "configs"]
         for name in names[1:]:
             files.append(next((f / name for f in folders if (f / name).is_file()), base / "configs" / name))
+        # Additions to one workflow of the base, after its configs (UCG-SAMR's Table IV in evaluate).
+        extra = derived.get("workflow_overrides", {}).get(workflow)
+        files += [bundle / "configs" / name for name in _as_list(extra)] if extra else []
     else:
         files = [bundle / "configs" / name for name in WORKFLOWS[workflow]]
     missing = [str(path) for path in files if not path.is_file()]

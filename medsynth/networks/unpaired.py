@@ -1,0 +1,123 @@
+"""UCG-SAMR (Guo et al., IEEE TMI 2021, Sec. III-E, eq. 7-10): CG-SAMR trained from unpaired lesion
+masks and images, composed of this package's parts.
+
+Domain 1 is a lesion mask with its anatomic prior, ``x = cat(2 * one_hot(mask) - 1, 2 * prior - 1)``
+(5 + 3 channels in [-1, 1]; the prior is the WM, GM and CSF probability maps, Sec. IV-A: the
+``tissue`` maps of the data layer, in ``TISSUE_CLASSES`` order); domain 2 is the N images.
+
+* ``E1``, ``E2``: one :class:`~medsynth.networks.blocks.ConvEncoder` per domain (7x7 conv, stride-2
+  steps) followed by ONE shared :class:`~medsynth.networks.parts.ResidualTrunk`, so both domains
+  map into the same latent space (the paper's shared latent codes; the sharing of the encoders'
+  last layers follows UNIT, on which the unpaired design builds);
+* ``F1``: a :class:`~medsynth.networks.parts.StretchOutDecoder` with one branch back to the 8
+  domain-1 channels (tanh);
+* ``F2``: CG-SAMR's :class:`~medsynth.networks.parts.ConfidenceGuidedDecoder` (stretch-out, synthesis
+  and confidence modules at 0.5 scale), so L_CM applies on the image side.
+
+The latent map has ``2 * base_width * 2 ** num_downsampling`` channels, as CG-SAMR's (its two
+encoders side by side), so ``F2`` is CG-SAMR's decoder exactly. ``forward(mask, atlas, tissue)`` is
+the mask -> images direction ``F2(E1(x))`` that the harness validates, evaluates and serves;
+:meth:`UCGSAMRGenerator.segment` is the images -> mask direction ``F1(E2(y))`` (Table IV).
+"""
+
+from __future__ import annotations
+
+import torch
+from monai.networks.utils import normal_init
+from torch import nn
+
+from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS, TISSUE_CLASSES
+from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
+from medsynth.networks.parts import ConfidenceGuidedDecoder, ResidualTrunk, StretchOutDecoder
+
+__all__ = ["UCGSAMRGenerator", "to_domain1"]
+
+
+def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """A domain-1 instance in [-1, 1]: the one-hot mask and the prior maps, each ``2 * p - 1``."""
+    return torch.cat([2.0 * mask - 1.0, 2.0 * prior - 1.0], dim=1)
+
+
+class UCGSAMRGenerator(nn.Module):
+    """The four networks of UCG-SAMR: E1, F1 (domain 1), E2, F2 (domain 2) (see the module docstring).
+
+    Args:
+        num_sequences: images of domain 2.
+        mask_channels: one-hot lesion-mask channels.
+        prior_channels: anatomic-prior channels (the three tissue maps).
+        base_width: width of each encoder's first convolution; the latent map has
+            ``2 * base_width * 2 ** num_downsampling`` channels.
+        num_downsampling: stride-2 steps (at least 1: F2 guides at 0.5 scale).
+        num_res_blocks: residual blocks of the shared trunk.
+        norm: ``"batch"`` or ``"instance"``.
+        stretch_out: F2 with one branch per sequence (CG-SAMR's).
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        prior_channels: int = len(TISSUE_CLASSES),
+        base_width: int = 16,
+        num_downsampling: int = 2,
+        num_res_blocks: int = 9,
+        norm: str = "batch",
+        stretch_out: bool = True,
+    ) -> None:
+        super().__init__()
+        norm = check_norm(norm)
+        if num_downsampling < 1:
+            raise ValueError(
+                f"UCG-SAMR needs num_downsampling >= 1 (F2 guides at 0.5 scale); got {num_downsampling}"
+            )
+        self.mask_channels, self.prior_channels, self.num_sequences = (
+            mask_channels,
+            prior_channels,
+            num_sequences,
+        )
+        domain1 = mask_channels + prior_channels
+        self.mask_encoder = ConvEncoder(domain1, 2 * base_width, num_downsampling, norm)  # E1's own layers
+        self.image_encoder = ConvEncoder(num_sequences, 2 * base_width, num_downsampling, norm)  # E2's
+        latent = self.mask_encoder.out_channels
+        self.shared_trunk = ResidualTrunk(latent, num_res_blocks, norm)
+        self.mask_decoder = StretchOutDecoder(
+            latent, domain1, num_downsampling, norm, stretch_out=False
+        )  # F1
+        self.image_decoder = ConfidenceGuidedDecoder(
+            latent, num_sequences, num_downsampling, base_width, norm, stretch_out
+        )
+        self.size_multiple = 2**num_downsampling
+        self.apply(normal_init)
+
+    def encode_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """E1: a domain-1 instance (:func:`to_domain1`) -> the shared latent map."""
+        check_divisible(x, self.size_multiple)
+        return self.shared_trunk(self.mask_encoder(x))
+
+    def encode_images(self, y: torch.Tensor) -> torch.Tensor:
+        """E2: images -> the shared latent map."""
+        check_divisible(y, self.size_multiple)
+        return self.shared_trunk(self.image_encoder(y))
+
+    def decode_masks(self, z: torch.Tensor) -> torch.Tensor:
+        """F1: latent -> a domain-1 instance (mask and prior channels in [-1, 1])."""
+        return self.mask_decoder(z)
+
+    def decode_images(self, z: torch.Tensor) -> dict[str, torch.Tensor]:
+        """F2: latent -> ``"images"``, ``"intermediate"`` and ``"confidence"`` (CG-SAMR's decoder)."""
+        return self.image_decoder(z)
+
+    def forward(
+        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The mask -> images direction ``F2(E1(x))``; the atlas is not used (the prior is the tissue maps)."""
+        if tissue is None or tissue.shape[1] != self.prior_channels:
+            raise ValueError(
+                f"UCG-SAMR's domain 1 needs the {self.prior_channels} tissue maps {TISSUE_CLASSES} as its prior"
+            )
+        return self.decode_images(self.encode_masks(to_domain1(mask, tissue)))
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """The images -> mask direction ``F1(E2(y))``: the mask channels (B, 5, H, W) in [-1, 1]; their
+        argmax is the label map."""
+        return self.decode_masks(self.encode_images(images))[:, : self.mask_channels]
