@@ -19,7 +19,6 @@ from medsynth.engines.handlers import (
     table_summary,
 )
 from medsynth.engines.samr import SynthesisGANTrainer
-from medsynth.engines.unpaired import MaskFromImagesTableWriter, UnpairedGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
     LesionSegmentationMetric,
@@ -27,6 +26,7 @@ from medsynth.engines.segmentation import (
     SegmentationTableWriter,
     segmentation_summary,
 )
+from medsynth.engines.unpaired import MaskFromImagesTableWriter, UnpairedGANTrainer
 from medsynth.engines.utils import BatchCall, PrepareDictBatch
 
 __all__ = [
