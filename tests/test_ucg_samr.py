@@ -65,10 +65,11 @@ def test_disjoint_unpaired_data_never_yields_a_pair(cohort_cache):
     np.testing.assert_array_equal(unpaired.partners, partners[1])  # deterministic for (seed, epoch)
     shared = UnpairedSliceDataset(slices, seed=3, disjoint_patients=False)
     assert shared.mask_patients == shared.image_patients == sorted(set(slices.patient_ids))
+    alone = manifest[manifest["patient_id"] == manifest.iloc[0]["patient_id"]].assign(split="train")
     with pytest.raises(ValueError, match="at least 2 training patients"):
-        UnpairedSliceDataset(make_slice_dataset(manifest[manifest["patient_id"] == manifest.iloc[0]["patient_id"]]
-                                                .assign(split="train"), "train", image_size=32, progress=False,
-                                                with_tissue=True))  # fmt: skip
+        UnpairedSliceDataset(
+            make_slice_dataset(alone, "train", image_size=32, progress=False, with_tissue=True)
+        )
 
 
 def test_the_four_networks_share_a_latent_space_and_f2_is_cg_samrs_decoder():

@@ -116,8 +116,9 @@ class UnpairedGANTrainer(AdversarialTrainer):
         terms["loss_cyc2"], cycle_cm = self._image_side(y212, y)
         if recon_cm is not None:
             terms["loss_cm_recon2"], terms["loss_cm_cyc2"] = recon_cm, cycle_cm
-        weight = {"loss_recon1": "reconstruction", "loss_recon2": "reconstruction", "loss_cyc1": "cycle",
-                  "loss_cyc2": "cycle", "loss_cm_recon2": "reconstruction", "loss_cm_cyc2": "cycle"}  # fmt: skip
+        weight = {"loss_recon1": "reconstruction", "loss_recon2": "reconstruction",
+                  "loss_cm_recon2": "reconstruction", "loss_cyc1": "cycle", "loss_cyc2": "cycle",
+                  "loss_cm_cyc2": "cycle"}  # fmt: skip
         loss_g = sum(
             self.weights[weight[name]] * value if name in weight else value for name, value in terms.items()
         )

@@ -110,10 +110,11 @@ class UCGSAMRGenerator(nn.Module):
     def forward(
         self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
-        """The mask -> images direction ``F2(E1(x))``; the atlas is not used (the prior is the tissue maps)."""
+        """The mask -> images direction ``F2(E1(x))``; the atlas is unused (the prior is the tissue maps)."""
         if tissue is None or tissue.shape[1] != self.prior_channels:
             raise ValueError(
-                f"UCG-SAMR's domain 1 needs the {self.prior_channels} tissue maps {TISSUE_CLASSES} as its prior"
+                f"UCG-SAMR's domain 1 needs the {self.prior_channels} tissue maps {TISSUE_CLASSES} "
+                "as its prior"
             )
         return self.decode_images(self.encode_masks(to_domain1(mask, tissue)))
 
