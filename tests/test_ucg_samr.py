@@ -15,7 +15,14 @@ from monai.bundle import ConfigParser, run
 from medsynth.data.cohort import resolve_cohort
 from medsynth.data.dataset import make_slice_dataset
 from medsynth.data.unpaired import UnpairedSliceDataset
-from medsynth.networks import CGSAMRGenerator, UCGSAMRGenerator, to_domain1
+from medsynth.engines import ImagePool
+from medsynth.networks import (
+    CGSAMRGenerator,
+    CycleGANGenerators,
+    ResnetTranslator,
+    UCGSAMRGenerator,
+    to_domain1,
+)
 from medsynth.utils.bundles import bundle_config_files
 
 pytestmark = [
@@ -25,6 +32,7 @@ pytestmark = [
 
 REPO = Path(__file__).resolve().parents[1]
 UCG = REPO / "bundles" / "ucg_samr"
+CYCLEGAN = REPO / "bundles" / "cyclegan"
 COHORT = {"phantom_patients": 6, "phantom_shape": [40, 40, 6]}
 TINY = {**COHORT, "image_size": 32, "base_width": 4, "num_res_blocks": 1, "num_epochs": 1, "batch_size": 2,
         "d_base_filters": 8, "d_num_layers": 2, "unet_channels": [4, 8, 16, 32, 64], "val_interval": 1,
@@ -112,9 +120,41 @@ def test_one_step_has_every_stream_of_eq_7_to_10(tmp_path, cohort_cache, with_co
         assert any(not torch.equal(a, b) for a, b in zip(before[name], net.parameters(), strict=True)), name
 
 
-def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, cohort_cache):
-    out = tmp_path / "ucg"
-    common = {"output_dir": str(out), "cache_dir": cohort_cache, **TINY}
+def test_cyclegan_step_has_its_adversarial_and_cycle_terms_and_a_seeded_pool(tmp_path, cohort_cache):
+    parser = ConfigParser()
+    parser.read_config(bundle_config_files(CYCLEGAN, "train"))
+    parser.update({**TINY, "cyclegan_ngf": 4, "cache_dir": cohort_cache, "output_dir": str(tmp_path)})
+    trainer = parser.get_parsed_content("train#trainer")
+    generators = trainer.networks["generator"]
+    assert count(ResnetTranslator(3, 3)) == 11_378_179  # the public resnet_9blocks: "11.378 M"
+    assert count(CycleGANGenerators()) == 11_400_133 + 11_400_136  # 8 -> 5 and 5 -> 8 channels
+    assert generators.masks_to_images.encoder[1].conv.in_channels == 8
+    batch = trainer.prepare_batch(next(iter(trainer.data_loader)), "cpu")
+    record = trainer.train_step(batch)
+    assert set(record) >= {"loss_gan_a", "loss_gan_b", "loss_cyc_a", "loss_cyc_b", "loss_d1", "loss_d2"}
+    expected = (
+        record["loss_gan_a"] + record["loss_gan_b"] + 10 * (record["loss_cyc_a"] + record["loss_cyc_b"])
+    )
+    assert record["loss_g"] == pytest.approx(expected, rel=1e-5)
+    draws = []
+    for _ in range(2):
+        pool = ImagePool(size=2, seed=5)
+        images = [torch.full((1, 1, 2, 2), float(k)) for k in range(6)]
+        draws.append([float(pool.query(image)[0, 0, 0, 0]) for image in images])
+    assert draws[0] == draws[1] and draws[0][:2] == [0.0, 1.0]  # fills first, then seeded swaps
+    assert set(draws[0][2:]) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+@pytest.mark.parametrize("bundle", ["ucg_samr", "cyclegan"])
+def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, cohort_cache, bundle):
+    out = tmp_path / bundle
+    UCG = REPO / "bundles" / bundle
+    common = {
+        "output_dir": str(out),
+        "cache_dir": cohort_cache,
+        **TINY,
+        **({"cyclegan_ngf": 4} if bundle == "cyclegan" else {}),
+    }
     meta = str(UCG / "configs" / "metadata.json")
     run(config_file=bundle_config_files(UCG, "train"), meta_file=meta, **common)
     assert (out / "models" / "model.pt").is_file() and (out / "models" / "atlas.json").is_file()

@@ -26,7 +26,12 @@ from medsynth.engines.segmentation import (
     SegmentationTableWriter,
     segmentation_summary,
 )
-from medsynth.engines.unpaired import MaskFromImagesTableWriter, UnpairedGANTrainer
+from medsynth.engines.unpaired import (
+    CycleGANTrainer,
+    ImagePool,
+    MaskFromImagesTableWriter,
+    UnpairedGANTrainer,
+)
 from medsynth.engines.utils import BatchCall, PrepareDictBatch
 
 __all__ = [
@@ -47,6 +52,8 @@ __all__ = [
     "SynthesisEvaluator",
     "SynthesisGANTrainer",
     "UnpairedGANTrainer",
+    "CycleGANTrainer",
+    "ImagePool",
     "MaskFromImagesTableWriter",
     "SynthesisQualityMetric",
     "SamplerEpochSetter",

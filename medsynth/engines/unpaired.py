@@ -27,7 +27,13 @@ from medsynth.engines.adversarial import AdversarialTrainer, float_features, unw
 from medsynth.engines.utils import PrepareDictBatch
 from medsynth.networks.unpaired import to_domain1
 
-__all__ = ["UNPAIRED_BATCH", "MaskFromImagesTableWriter", "UnpairedGANTrainer"]
+__all__ = [
+    "UNPAIRED_BATCH",
+    "CycleGANTrainer",
+    "ImagePool",
+    "MaskFromImagesTableWriter",
+    "UnpairedGANTrainer",
+]
 
 UNPAIRED_BATCH = PrepareDictBatch(("mask", "tissue", "image"), extra_keys=("mask_patient", "image_patient"))
 
@@ -201,3 +207,135 @@ class MaskFromImagesTableWriter:
         caption = f"Table IV layout: lesion masks from images (F1(E2(y))), {len(predicted)} patient(s)"
         write_table(self.table, self.output_dir, self.table_name, caption=caption)
         return self.table
+
+
+class ImagePool:
+    """CycleGAN's history of generated images (Shrivastava et al.): the discriminator sees, for each
+    new fake, with probability 1/2 an older one from the pool instead (which then takes its place),
+    once the pool holds ``size`` images. Seeded, so training stays deterministic.
+
+    Args:
+        size: images kept (50 in CycleGAN; 0 passes the fakes through).
+        seed: seeds the choices.
+    """
+
+    def __init__(self, size: int = 50, seed: int = 0) -> None:
+        self.size, self.images = int(size), []
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def query(self, fakes: torch.Tensor) -> torch.Tensor:
+        if self.size <= 0:
+            return fakes
+        chosen = []
+        for image in fakes.detach():
+            if len(self.images) < self.size:
+                self.images.append(image.clone())
+                chosen.append(image)
+            elif float(torch.rand((), generator=self.generator)) < 0.5:
+                index = int(torch.randint(len(self.images), (), generator=self.generator))
+                chosen.append(self.images[index].clone())
+                self.images[index] = image.clone()
+            else:
+                chosen.append(image)
+        return torch.stack(chosen)
+
+
+class CycleGANTrainer(AdversarialTrainer):
+    """CycleGAN (Zhu et al., ICCV 2017) on unpaired batches of the two domains:
+
+    1. generators ``G_A`` (masks -> images), ``G_B`` (images -> masks) together:
+       ``L_GAN(D_2(G_A(x))) + L_GAN(D_1(G_B(y))) + lambda_cyc * (|G_B(G_A(x)) - x|_1 + |G_A(G_B(y)) - y|_1)``;
+       CycleGAN's identity term (weight 0.5) needs both domains to have the same channels, which a
+       mask with its prior (8) and the images (N) do not: it is left out, and the log says so;
+    2. discriminators, each ``0.5 * [L(D(real), real) + L(D(pooled fake), fake)]`` (image pools of 50;
+       the halving is the adversarial loss's ``discriminator_loss``).
+
+    Args:
+        device, max_epochs, train_data_loader: as :class:`UnpairedGANTrainer`.
+        generator: :class:`medsynth.networks.CycleGANGenerators`.
+        discriminator: ``nn.ModuleDict`` with ``"domain1"`` and ``"domain2"``.
+        g_optimizer, d_optimizer: the two optimizers.
+        adversarial_loss: LSGAN (:class:`medsynth.losses.LeastSquaresAdversarialLoss`) in CycleGAN.
+        weight_cycle: ``lambda_cyc`` (10).
+        pool_size: image-pool size (50).
+        seed: seeds the pools.
+        engine_kwargs: see the base class.
+    """
+
+    phases = ("generator", "discriminator")
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        generator: nn.Module,
+        discriminator: nn.ModuleDict,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        adversarial_loss: Any,
+        weight_cycle: float = 10.0,
+        pool_size: int = 50,
+        seed: int = 0,
+        prepare_batch: Any = UNPAIRED_BATCH,
+        **engine_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            networks={"generator": generator, "discriminator": discriminator},
+            optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
+            losses={"adversarial_loss": adversarial_loss},
+            prepare_batch=prepare_batch,
+            **engine_kwargs,
+        )
+        self.weight_cycle = float(weight_cycle)
+        self.pools = {"domain1": ImagePool(pool_size, seed), "domain2": ImagePool(pool_size, seed + 1)}
+        import logging
+
+        logging.getLogger(__name__).info(
+            "CycleGAN: identity loss off (a mask with its prior and the images have different channels)"
+        )
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        generators = unwrap(self.networks["generator"])
+        discriminators = unwrap(self.networks["discriminator"])
+        adversarial = self.losses["adversarial_loss"]
+        x, y = to_domain1(batch["mask"], batch["tissue"]), batch["image"]
+        with self.autocast():
+            fake_y, fake_x = generators.masks_to_images(x), generators.images_to_masks(y)
+            cycled_x, cycled_y = generators.images_to_masks(fake_y), generators.masks_to_images(fake_x)
+            with self.no_sync("discriminator"):
+                judged_y = float_features(discriminators["domain2"](fake_y))
+                judged_x = float_features(discriminators["domain1"](fake_x))
+        terms = {
+            "loss_gan_a": adversarial.generator_loss(judged_y),
+            "loss_gan_b": adversarial.generator_loss(judged_x),
+            "loss_cyc_a": F.l1_loss(cycled_x.float(), x),
+            "loss_cyc_b": F.l1_loss(cycled_y.float(), y),
+        }
+        loss_g = (
+            terms["loss_gan_a"]
+            + terms["loss_gan_b"]
+            + self.weight_cycle * (terms["loss_cyc_a"] + terms["loss_cyc_b"])
+        )
+        self.optimize("generator", loss_g)
+        pooled_y, pooled_x = (
+            self.pools["domain2"].query(fake_y.float()),
+            self.pools["domain1"].query(fake_x.float()),
+        )
+        with self.autocast():
+            loss_d2 = adversarial.discriminator_loss(
+                float_features(discriminators["domain2"](y)),
+                float_features(discriminators["domain2"](pooled_y)),
+            )
+            loss_d1 = adversarial.discriminator_loss(
+                float_features(discriminators["domain1"](x)),
+                float_features(discriminators["domain1"](pooled_x)),
+            )
+        self.optimize("discriminator", loss_d1 + loss_d2)  # each already 0.5 * (real + fake)
+        record = {name: float(value.detach()) for name, value in terms.items()}
+        record.update(loss_g=float(loss_g.detach()), loss_d1=float(loss_d1.detach()), loss_d2=float(loss_d2.detach()),
+                      lr=float(self.optimizers["generator"].param_groups[0]["lr"]))  # fmt: skip
+        return record

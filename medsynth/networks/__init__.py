@@ -8,7 +8,8 @@
 * :mod:`.samr`: the SAMR and CG-SAMR generators;
 * :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN, the pix2pixHD global generator (the
   papers' paired baselines);
-* :mod:`.unpaired`: UCG-SAMR (CG-SAMR trained from unpaired masks and images);
+* :mod:`.unpaired`: UCG-SAMR (CG-SAMR trained from unpaired masks and images) and CycleGAN's
+  generator pair;
 * :mod:`.segmentation`: the lesion U-Net.
 """
 
@@ -38,12 +39,13 @@ from medsynth.networks.parts import (
 from medsynth.networks.pix2pix import (
     Pix2PixGenerator,
     Pix2PixHDGenerator,
+    ResnetTranslator,
     UNetSkipGenerator,
     pix2pix_patch_discriminator,
 )
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
-from medsynth.networks.unpaired import UCGSAMRGenerator, to_domain1
+from medsynth.networks.unpaired import CycleGANGenerators, UCGSAMRGenerator, to_domain1
 
 __all__ = [
     "NORM_TYPES",
@@ -51,6 +53,7 @@ __all__ = [
     "ConditionalDiscriminator",
     "ConfidenceGuidedDecoder",
     "ConvEncoder",
+    "CycleGANGenerators",
     "DualEncoder",
     "GuidanceModule",
     "LabelWiseDiscriminator",
@@ -62,6 +65,7 @@ __all__ = [
     "Pix2PixHDGenerator",
     "ResidualBlock",
     "ResidualTrunk",
+    "ResnetTranslator",
     "SAMRGenerator",
     "StretchOutDecoder",
     "SynthesisInferenceNetwork",

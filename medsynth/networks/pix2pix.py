@@ -192,6 +192,58 @@ def pix2pix_patch_discriminator(
     )
 
 
+def resnet_translator_layers(
+    in_channels: int, out_channels: int, ngf: int, num_downsampling: int, num_res_blocks: int, norm: str
+) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """The ResNet image-to-image generator of pix2pixHD (global) and CycleGAN (``resnet_9blocks``):
+    a 7x7 conv to ``ngf`` and stride-2 3x3 convs doubling the width, residual blocks, as many
+    transposed convs halving it and a 7x7 conv with tanh (one shared decoder branch); returns the
+    encoder, the trunk and the decoder."""
+    encoder = ConvEncoder(in_channels, ngf, num_downsampling, norm)
+    trunk = ResidualTrunk(encoder.out_channels, num_res_blocks, norm)
+    decoder = StretchOutDecoder(
+        encoder.out_channels,
+        out_channels,
+        num_downsampling,
+        norm,
+        branch_residual_block=False,
+        stretch_out=False,
+    )
+    return encoder, trunk, decoder
+
+
+class ResnetTranslator(nn.Module):
+    """:func:`resnet_translator_layers` as one network ``x -> y`` (CycleGAN's generators).
+
+    Args:
+        in_channels, out_channels: channels of the two domains.
+        ngf: width after the first convolution (64 in CycleGAN).
+        num_downsampling: stride-2 steps (2 in CycleGAN's ``resnet_9blocks``).
+        num_res_blocks: residual blocks (9).
+        norm: ``"instance"`` (CycleGAN) or ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        ngf: int = 64,
+        num_downsampling: int = 2,
+        num_res_blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        self.encoder, self.trunk, self.decoder = resnet_translator_layers(
+            in_channels, out_channels, ngf, num_downsampling, num_res_blocks, norm
+        )
+        self.size_multiple = 2**num_downsampling
+        self.apply(normal_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_divisible(x, self.size_multiple)
+        return self.decoder(self.trunk(self.encoder(x)))
+
+
 class Pix2PixHDGenerator(_MaskConditionedGenerator):
     """pix2pixHD's global generator (Wang et al., CVPR 2018) in the synthesis harness:
     ``forward(mask, atlas) -> {"images"}``, composed of this package's parts.
@@ -225,12 +277,10 @@ class Pix2PixHDGenerator(_MaskConditionedGenerator):
         norm: str = "instance",
     ) -> None:
         super().__init__(num_sequences, mask_channels, use_atlas)
-        self.encoder = ConvEncoder(self.in_channels, ngf, num_downsampling, norm)
-        self.trunk = ResidualTrunk(self.encoder.out_channels, num_res_blocks, norm)
-        self.decoder = StretchOutDecoder(
-            self.encoder.out_channels, num_sequences, num_downsampling, norm, branch_residual_block=False,
-            stretch_out=False,
-        )  # fmt: skip
+        layers = resnet_translator_layers(
+            self.in_channels, num_sequences, ngf, num_downsampling, num_res_blocks, norm
+        )
+        self.encoder, self.trunk, self.decoder = layers
         self.size_multiple = 2**num_downsampling
         self.apply(normal_init)
 

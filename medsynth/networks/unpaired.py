@@ -30,7 +30,7 @@ from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS, TISSUE_CLASSES
 from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
 from medsynth.networks.parts import ConfidenceGuidedDecoder, ResidualTrunk, StretchOutDecoder
 
-__all__ = ["UCGSAMRGenerator", "to_domain1"]
+__all__ = ["CycleGANGenerators", "UCGSAMRGenerator", "to_domain1"]
 
 
 def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -122,3 +122,52 @@ class UCGSAMRGenerator(nn.Module):
         """The images -> mask direction ``F1(E2(y))``: the mask channels (B, 5, H, W) in [-1, 1]; their
         argmax is the label map."""
         return self.decode_masks(self.encode_images(images))[:, : self.mask_channels]
+
+
+class CycleGANGenerators(nn.Module):
+    """CycleGAN's two generators (Zhu et al., ICCV 2017) between the same domains as UCG-SAMR:
+    ``masks_to_images`` (domain 1 -> 2) and ``images_to_masks`` (2 -> 1), each a ResNet translator
+    (``resnet_9blocks``: 2 down-samplings, 9 residual blocks, instance norm, reflection padding,
+    :class:`medsynth.networks.pix2pix.ResnetTranslator`). No shared latent space, no confidence maps.
+
+    ``forward(mask, atlas, tissue)`` is the mask -> images direction; :meth:`segment` the images ->
+    mask direction, as :class:`UCGSAMRGenerator`.
+
+    Args:
+        num_sequences, mask_channels, prior_channels: as :class:`UCGSAMRGenerator`.
+        ngf, num_downsampling, num_res_blocks, norm: of both translators (CycleGAN: 64, 2, 9, instance).
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        prior_channels: int = len(TISSUE_CLASSES),
+        ngf: int = 64,
+        num_downsampling: int = 2,
+        num_res_blocks: int = 9,
+        norm: str = "instance",
+    ) -> None:
+        from medsynth.networks.pix2pix import ResnetTranslator
+
+        super().__init__()
+        self.mask_channels, self.prior_channels = mask_channels, prior_channels
+        domain1 = mask_channels + prior_channels
+        self.masks_to_images = ResnetTranslator(
+            domain1, num_sequences, ngf, num_downsampling, num_res_blocks, norm
+        )
+        self.images_to_masks = ResnetTranslator(
+            num_sequences, domain1, ngf, num_downsampling, num_res_blocks, norm
+        )
+
+    def forward(
+        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"images": G_A(x)}`` for the domain-1 instance of ``mask`` and ``tissue`` (atlas unused)."""
+        if tissue is None or tissue.shape[1] != self.prior_channels:
+            raise ValueError(f"CycleGAN's domain 1 needs the {self.prior_channels} tissue maps as its prior")
+        return {"images": self.masks_to_images(to_domain1(mask, tissue))}
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """``G_B(y)``'s mask channels (B, 5, H, W) in [-1, 1]."""
+        return self.images_to_masks(images)[:, : self.mask_channels]
