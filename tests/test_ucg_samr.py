@@ -145,7 +145,22 @@ def test_cyclegan_step_has_its_adversarial_and_cycle_terms_and_a_seeded_pool(tmp
     assert set(draws[0][2:]) <= {0.0, 1.0, 2.0, 3.0, 4.0, 5.0}
 
 
-@pytest.mark.parametrize("bundle", ["ucg_samr", "cyclegan"])
+def test_synsegnet_trains_its_segmenter_on_the_synthesised_images(tmp_path, cohort_cache):
+    parser = ConfigParser()
+    parser.read_config(bundle_config_files(REPO / "bundles" / "synsegnet", "train"))
+    parser.update({**TINY, "cyclegan_ngf": 4, "cache_dir": cohort_cache, "output_dir": str(tmp_path)})
+    trainer = parser.get_parsed_content("train#trainer")
+    segmenter = trainer.networks["generator"].segmenter
+    before = [p.detach().clone() for p in segmenter.parameters()]
+    record = trainer.train_step(trainer.prepare_batch(next(iter(trainer.data_loader)), "cpu"))
+    expected = (
+        record["loss_gan_a"] + record["loss_gan_b"] + 10 * (record["loss_cyc_a"] + record["loss_cyc_b"])
+    )
+    assert record["loss_g"] == pytest.approx(expected + record["loss_seg"], rel=1e-5)
+    assert any(not torch.equal(a, b) for a, b in zip(before, segmenter.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("bundle", ["ucg_samr", "cyclegan", "synsegnet"])
 def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, cohort_cache, bundle):
     out = tmp_path / bundle
     UCG = REPO / "bundles" / bundle
@@ -153,7 +168,7 @@ def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, c
         "output_dir": str(out),
         "cache_dir": cohort_cache,
         **TINY,
-        **({"cyclegan_ngf": 4} if bundle == "cyclegan" else {}),
+        **({"cyclegan_ngf": 4} if bundle != "ucg_samr" else {}),
     }
     meta = str(UCG / "configs" / "metadata.json")
     run(config_file=bundle_config_files(UCG, "train"), meta_file=meta, **common)

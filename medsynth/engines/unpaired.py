@@ -259,6 +259,9 @@ class CycleGANTrainer(AdversarialTrainer):
         weight_cycle: ``lambda_cyc`` (10).
         pool_size: image-pool size (50).
         seed: seeds the pools.
+        segmentation_loss: SynSeg-Net's term: ``loss(S(G_A(x)) logits, mask labels)``, with ``S`` the
+            generator's ``segment`` (:class:`medsynth.networks.SynSegNetGenerators`); ``None``: CycleGAN.
+        weight_segmentation: its weight.
         engine_kwargs: see the base class.
     """
 
@@ -277,6 +280,8 @@ class CycleGANTrainer(AdversarialTrainer):
         weight_cycle: float = 10.0,
         pool_size: int = 50,
         seed: int = 0,
+        segmentation_loss: Any = None,
+        weight_segmentation: float = 1.0,
         prepare_batch: Any = UNPAIRED_BATCH,
         **engine_kwargs: Any,
     ) -> None:
@@ -286,11 +291,11 @@ class CycleGANTrainer(AdversarialTrainer):
             train_data_loader=train_data_loader,
             networks={"generator": generator, "discriminator": discriminator},
             optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
-            losses={"adversarial_loss": adversarial_loss},
+            losses={"adversarial_loss": adversarial_loss, "segmentation_loss": segmentation_loss},
             prepare_batch=prepare_batch,
             **engine_kwargs,
         )
-        self.weight_cycle = float(weight_cycle)
+        self.weight_cycle, self.weight_segmentation = float(weight_cycle), float(weight_segmentation)
         self.pools = {"domain1": ImagePool(pool_size, seed), "domain2": ImagePool(pool_size, seed + 1)}
         import logging
 
@@ -320,6 +325,12 @@ class CycleGANTrainer(AdversarialTrainer):
             + terms["loss_gan_b"]
             + self.weight_cycle * (terms["loss_cyc_a"] + terms["loss_cyc_b"])
         )
+        if "segmentation_loss" in self.losses:  # SynSeg-Net: S learns the masks' labels on G_A's images
+            with self.autocast():
+                logits = generators.segment(fake_y)
+            labels = batch["mask"].argmax(dim=1, keepdim=True)
+            terms["loss_seg"] = self.losses["segmentation_loss"](logits.float(), labels)
+            loss_g = loss_g + self.weight_segmentation * terms["loss_seg"]
         self.optimize("generator", loss_g)
         pooled_y, pooled_x = (
             self.pools["domain2"].query(fake_y.float()),
@@ -336,6 +347,10 @@ class CycleGANTrainer(AdversarialTrainer):
             )
         self.optimize("discriminator", loss_d1 + loss_d2)  # each already 0.5 * (real + fake)
         record = {name: float(value.detach()) for name, value in terms.items()}
-        record.update(loss_g=float(loss_g.detach()), loss_d1=float(loss_d1.detach()), loss_d2=float(loss_d2.detach()),
-                      lr=float(self.optimizers["generator"].param_groups[0]["lr"]))  # fmt: skip
+        record.update(
+            loss_g=float(loss_g.detach()),
+            loss_d1=float(loss_d1.detach()),
+            loss_d2=float(loss_d2.detach()),
+            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
+        )
         return record

@@ -30,7 +30,7 @@ from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS, TISSUE_CLASSES
 from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
 from medsynth.networks.parts import ConfidenceGuidedDecoder, ResidualTrunk, StretchOutDecoder
 
-__all__ = ["CycleGANGenerators", "UCGSAMRGenerator", "to_domain1"]
+__all__ = ["CycleGANGenerators", "SynSegNetGenerators", "UCGSAMRGenerator", "to_domain1"]
 
 
 def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -171,3 +171,40 @@ class CycleGANGenerators(nn.Module):
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``G_B(y)``'s mask channels (B, 5, H, W) in [-1, 1]."""
         return self.images_to_masks(images)[:, : self.mask_channels]
+
+
+class SynSegNetGenerators(CycleGANGenerators):
+    """SynSeg-Net (Huo et al., IEEE TMI 2019): CycleGAN's two generators plus a segmentation network
+    ``S`` trained, end to end with them, on the images ``G_A`` synthesises from the masks (whose
+    labels it is supervised with). :meth:`segment` is ``S(y)``: the images -> mask direction comes from
+    the segmenter, not from ``G_B``. ``S`` is the project's lesion U-Net
+    (:func:`medsynth.networks.make_lesion_unet`; SynSeg-Net's own segmenter is a ResNet generator).
+
+    Args:
+        unet_channels: feature channels of ``S``'s levels.
+        other arguments: as :class:`CycleGANGenerators`.
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        prior_channels: int = len(TISSUE_CLASSES),
+        ngf: int = 64,
+        num_downsampling: int = 2,
+        num_res_blocks: int = 9,
+        norm: str = "instance",
+        unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256),
+    ) -> None:
+        from medsynth.networks.segmentation import make_lesion_unet
+
+        super().__init__(
+            num_sequences, mask_channels, prior_channels, ngf, num_downsampling, num_res_blocks, norm
+        )
+        self.segmenter = make_lesion_unet(
+            num_sequences, mask_channels, channels=tuple(unet_channels), norm=norm
+        )
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """``S(y)``: lesion logits (B, 5, H, W)."""
+        return self.segmenter(images)
