@@ -22,6 +22,8 @@ the mask -> images direction ``F2(E1(x))`` that the harness validates, evaluates
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.networks.utils import normal_init
 from torch import nn
@@ -151,7 +153,11 @@ class CycleGANGenerators(nn.Module):
         from medsynth.networks.pix2pix import ResnetTranslator
 
         super().__init__()
-        self.mask_channels, self.prior_channels = mask_channels, prior_channels
+        self.mask_channels, self.prior_channels, self.num_sequences = (
+            mask_channels,
+            prior_channels,
+            num_sequences,
+        )
         domain1 = mask_channels + prior_channels
         self.masks_to_images = ResnetTranslator(
             domain1, num_sequences, ngf, num_downsampling, num_res_blocks, norm
@@ -182,27 +188,16 @@ class SynSegNetGenerators(CycleGANGenerators):
 
     Args:
         unet_channels: feature channels of ``S``'s levels.
-        other arguments: as :class:`CycleGANGenerators`.
+        cyclegan: the arguments of :class:`CycleGANGenerators`.
     """
 
-    def __init__(
-        self,
-        num_sequences: int = len(CLINICAL_SEQUENCES),
-        mask_channels: int = NUM_LABELS,
-        prior_channels: int = len(TISSUE_CLASSES),
-        ngf: int = 64,
-        num_downsampling: int = 2,
-        num_res_blocks: int = 9,
-        norm: str = "instance",
-        unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256),
-    ) -> None:
+    def __init__(self, unet_channels: tuple[int, ...] = (16, 32, 64, 128, 256), **cyclegan: Any) -> None:
         from medsynth.networks.segmentation import make_lesion_unet
 
-        super().__init__(
-            num_sequences, mask_channels, prior_channels, ngf, num_downsampling, num_res_blocks, norm
-        )
+        super().__init__(**cyclegan)
+        norm = cyclegan.get("norm", "instance")
         self.segmenter = make_lesion_unet(
-            num_sequences, mask_channels, channels=tuple(unet_channels), norm=norm
+            self.num_sequences, self.mask_channels, channels=tuple(unet_channels), norm=norm
         )
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
