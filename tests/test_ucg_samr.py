@@ -21,6 +21,7 @@ from medsynth.networks import (
     CycleGANGenerators,
     ResnetTranslator,
     UCGSAMRGenerator,
+    UNITGenerators,
     to_domain1,
 )
 from medsynth.utils.bundles import bundle_config_files
@@ -160,7 +161,24 @@ def test_synsegnet_trains_its_segmenter_on_the_synthesised_images(tmp_path, coho
     assert any(not torch.equal(a, b) for a, b in zip(before, segmenter.parameters(), strict=True))
 
 
-@pytest.mark.parametrize("bundle", ["ucg_samr", "cyclegan", "synsegnet"])
+def test_unit_step_has_its_five_weighted_terms(tmp_path, cohort_cache):
+    parser = ConfigParser()
+    parser.read_config(bundle_config_files(REPO / "bundles" / "unit", "train"))
+    parser.update({**TINY, "unit_ngf": 4, "cache_dir": cohort_cache, "output_dir": str(tmp_path)})
+    trainer = parser.get_parsed_content("train#trainer")
+    unit = trainer.networks["generator"]
+    assert count(UNITGenerators()) == 18_079_629
+    with torch.no_grad():  # one latent space: both encoders give codes of the same shape
+        assert (
+            unit.encode_masks(torch.zeros(1, 8, 32, 32)).shape
+            == unit.encode_images(torch.zeros(1, 5, 32, 32)).shape
+        )
+    record = trainer.train_step(trainer.prepare_batch(next(iter(trainer.data_loader)), "cpu"))
+    weights = {"loss_gan": 1, "loss_rec": 10, "loss_kl": 0.01, "loss_cyc": 10, "loss_cyc_kl": 0.01}
+    assert record["loss_g"] == pytest.approx(sum(w * record[name] for name, w in weights.items()), rel=1e-5)
+
+
+@pytest.mark.parametrize("bundle", ["ucg_samr", "cyclegan", "synsegnet", "unit"])
 def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, cohort_cache, bundle):
     out = tmp_path / bundle
     UCG = REPO / "bundles" / bundle
@@ -168,7 +186,7 @@ def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, c
         "output_dir": str(out),
         "cache_dir": cohort_cache,
         **TINY,
-        **({"cyclegan_ngf": 4} if bundle != "ucg_samr" else {}),
+        **({"cyclegan_ngf": 4, "unit_ngf": 4} if bundle != "ucg_samr" else {}),
     }
     meta = str(UCG / "configs" / "metadata.json")
     run(config_file=bundle_config_files(UCG, "train"), meta_file=meta, **common)

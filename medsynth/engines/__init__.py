@@ -30,6 +30,7 @@ from medsynth.engines.unpaired import (
     CycleGANTrainer,
     ImagePool,
     MaskFromImagesTableWriter,
+    UNITTrainer,
     UnpairedGANTrainer,
 )
 from medsynth.engines.utils import BatchCall, PrepareDictBatch
@@ -52,6 +53,7 @@ __all__ = [
     "SynthesisEvaluator",
     "SynthesisGANTrainer",
     "UnpairedGANTrainer",
+    "UNITTrainer",
     "CycleGANTrainer",
     "ImagePool",
     "MaskFromImagesTableWriter",

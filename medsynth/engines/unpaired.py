@@ -32,6 +32,7 @@ __all__ = [
     "CycleGANTrainer",
     "ImagePool",
     "MaskFromImagesTableWriter",
+    "UNITTrainer",
     "UnpairedGANTrainer",
 ]
 
@@ -346,6 +347,101 @@ class CycleGANTrainer(AdversarialTrainer):
                 float_features(discriminators["domain1"](pooled_x)),
             )
         self.optimize("discriminator", loss_d1 + loss_d2)  # each already 0.5 * (real + fake)
+        record = {name: float(value.detach()) for name, value in terms.items()}
+        record.update(
+            loss_g=float(loss_g.detach()),
+            loss_d1=float(loss_d1.detach()),
+            loss_d2=float(loss_d2.detach()),
+            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
+        )
+        return record
+
+
+class UNITTrainer(AdversarialTrainer):
+    """UNIT (Liu et al., NeurIPS 2017) on unpaired batches: with ``z ~ N(E(.), I)``,
+
+    * generators: ``L_GAN(D1(G1(z2))) + L_GAN(D2(G2(z1)))``
+      ``+ w_rec * (|G1(z1) - x|_1 + |G2(z2) - y|_1) + w_kl * (KL(E1(x)) + KL(E2(y)))``
+      ``+ w_cyc * (|G1(E2(G2(z1))) - x|_1 + |G2(E1(G1(z2))) - y|_1) + w_cyc_kl * (KL of the cycle codes)``,
+      with ``KL(mu) = mean(mu^2)`` for a unit-variance Gaussian (up to constants); weights 10, 0.01, 10,
+      0.01 as UNIT's; LSGAN as in UNIT's public configuration (the paper writes the log form);
+    * discriminators: D1 real ``x`` vs ``G1(z2)``, D2 real ``y`` vs ``G2(z1)``.
+
+    Args:
+        device, max_epochs, train_data_loader: as :class:`UnpairedGANTrainer`.
+        generator: :class:`medsynth.networks.UNITGenerators`.
+        discriminator: ``nn.ModuleDict`` with ``"domain1"`` and ``"domain2"``.
+        g_optimizer, d_optimizer, adversarial_loss: as :class:`CycleGANTrainer`.
+        weight_reconstruction, weight_kl, weight_cycle, weight_cycle_kl: UNIT's lambdas.
+        engine_kwargs: see the base class.
+    """
+
+    phases = ("generator", "discriminator")
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        generator: nn.Module,
+        discriminator: nn.ModuleDict,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        adversarial_loss: Any,
+        weight_reconstruction: float = 10.0,
+        weight_kl: float = 0.01,
+        weight_cycle: float = 10.0,
+        weight_cycle_kl: float = 0.01,
+        prepare_batch: Any = UNPAIRED_BATCH,
+        **engine_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            train_data_loader=train_data_loader,
+            networks={"generator": generator, "discriminator": discriminator},
+            optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
+            losses={"adversarial_loss": adversarial_loss},
+            prepare_batch=prepare_batch,
+            **engine_kwargs,
+        )
+        self.weights = {"loss_rec": weight_reconstruction, "loss_kl": weight_kl, "loss_cyc": weight_cycle,
+                        "loss_cyc_kl": weight_cycle_kl, "loss_gan": 1.0}  # fmt: skip
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        unit = unwrap(self.networks["generator"])
+        discriminators = unwrap(self.networks["discriminator"])
+        adversarial = self.losses["adversarial_loss"]
+        x, y = to_domain1(batch["mask"], batch["tissue"]), batch["image"]
+
+        def kl(mu: torch.Tensor) -> torch.Tensor:
+            return mu.float().pow(2).mean()
+
+        with self.autocast():
+            mu1, mu2 = unit.encode_masks(x), unit.encode_images(y)
+            z1, z2 = unit.sample(mu1), unit.sample(mu2)
+            x11, y22 = unit.decode_masks(z1), unit.decode_images(z2)
+            x21, y12 = unit.decode_masks(z2), unit.decode_images(z1)
+            mu12, mu21 = unit.encode_images(y12), unit.encode_masks(x21)
+            x121, y212 = unit.decode_masks(unit.sample(mu12)), unit.decode_images(unit.sample(mu21))
+            with self.no_sync("discriminator"):
+                judged1 = float_features(discriminators["domain1"](x21))
+                judged2 = float_features(discriminators["domain2"](y12))
+        terms = {
+            "loss_gan": adversarial.generator_loss(judged1) + adversarial.generator_loss(judged2),
+            "loss_rec": F.l1_loss(x11.float(), x) + F.l1_loss(y22.float(), y),
+            "loss_kl": kl(mu1) + kl(mu2),
+            "loss_cyc": F.l1_loss(x121.float(), x) + F.l1_loss(y212.float(), y),
+            "loss_cyc_kl": kl(mu12) + kl(mu21),
+        }
+        loss_g = sum(self.weights[name] * value for name, value in terms.items())
+        self.optimize("generator", loss_g)
+        with self.autocast():
+            real1, fake1 = discriminators["domain1"](x), discriminators["domain1"](x21.detach())
+            real2, fake2 = discriminators["domain2"](y), discriminators["domain2"](y12.detach())
+        loss_d1 = adversarial.discriminator_loss(float_features(real1), float_features(fake1))
+        loss_d2 = adversarial.discriminator_loss(float_features(real2), float_features(fake2))
+        self.optimize("discriminator", loss_d1 + loss_d2)
         record = {name: float(value.detach()) for name, value in terms.items()}
         record.update(
             loss_g=float(loss_g.detach()),

@@ -9,7 +9,7 @@
 * :mod:`.pix2pix`: the pix2pix U-Net generator and PatchGAN, the pix2pixHD global generator (the
   papers' paired baselines);
 * :mod:`.unpaired`: UCG-SAMR (CG-SAMR trained from unpaired masks and images) and CycleGAN's
-  generator pair (and SynSeg-Net's, with its segmenter);
+  generator pair (and SynSeg-Net's, with its segmenter), UNIT's VAE-GAN pair;
 * :mod:`.segmentation`: the lesion U-Net.
 """
 
@@ -45,7 +45,13 @@ from medsynth.networks.pix2pix import (
 )
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
-from medsynth.networks.unpaired import CycleGANGenerators, SynSegNetGenerators, UCGSAMRGenerator, to_domain1
+from medsynth.networks.unpaired import (
+    CycleGANGenerators,
+    SynSegNetGenerators,
+    UCGSAMRGenerator,
+    UNITGenerators,
+    to_domain1,
+)
 
 __all__ = [
     "NORM_TYPES",
@@ -71,6 +77,7 @@ __all__ = [
     "SynSegNetGenerators",
     "SynthesisInferenceNetwork",
     "UCGSAMRGenerator",
+    "UNITGenerators",
     "UNetSkipGenerator",
     "UpsamplingStep",
     "make_lesion_unet",

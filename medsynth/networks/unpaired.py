@@ -32,7 +32,7 @@ from medsynth.constants import CLINICAL_SEQUENCES, NUM_LABELS, TISSUE_CLASSES
 from medsynth.networks.blocks import ConvEncoder, check_divisible, check_norm
 from medsynth.networks.parts import ConfidenceGuidedDecoder, ResidualTrunk, StretchOutDecoder
 
-__all__ = ["CycleGANGenerators", "SynSegNetGenerators", "UCGSAMRGenerator", "to_domain1"]
+__all__ = ["CycleGANGenerators", "SynSegNetGenerators", "UCGSAMRGenerator", "UNITGenerators", "to_domain1"]
 
 
 def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
@@ -203,3 +203,94 @@ class SynSegNetGenerators(CycleGANGenerators):
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``S(y)``: lesion logits (B, 5, H, W)."""
         return self.segmenter(images)
+
+
+class UNITGenerators(nn.Module):
+    """UNIT (Liu et al., NeurIPS 2017) between UCG-SAMR's domains: VAE encoders ``E1``, ``E2`` whose last
+    residual blocks are shared, generators ``G1``, ``G2`` whose first residual blocks are shared, one
+    latent space. The encoders give the mean ``mu`` of a unit-variance Gaussian; training samples
+    ``z = mu + N(0, 1)`` (:meth:`sample`), inference uses ``mu``.
+
+    ``forward(mask, atlas, tissue)`` is the mask -> images direction ``G2(E1(x))``; :meth:`segment`
+    the images -> mask direction ``G1(E2(y))``.
+
+    Args:
+        num_sequences, mask_channels, prior_channels: as :class:`UCGSAMRGenerator`.
+        ngf: width after the first convolution (64 in UNIT).
+        num_downsampling: stride-2 steps (2).
+        num_shared_blocks: residual blocks shared by the encoders, and again by the generators.
+        num_res_blocks: residual blocks of each domain's own encoder and generator part.
+        norm: ``"instance"`` (UNIT) or ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        num_sequences: int = len(CLINICAL_SEQUENCES),
+        mask_channels: int = NUM_LABELS,
+        prior_channels: int = len(TISSUE_CLASSES),
+        ngf: int = 64,
+        num_downsampling: int = 2,
+        num_shared_blocks: int = 1,
+        num_res_blocks: int = 3,
+        norm: str = "instance",
+    ) -> None:
+        super().__init__()
+        norm = check_norm(norm)
+        self.mask_channels, self.prior_channels = mask_channels, prior_channels
+        domain1 = mask_channels + prior_channels
+
+        def encoder(channels: int) -> nn.Module:
+            convs = ConvEncoder(channels, ngf, num_downsampling, norm)
+            return nn.Sequential(convs, ResidualTrunk(convs.out_channels, num_res_blocks, norm))
+
+        self.mask_encoder, self.image_encoder = encoder(domain1), encoder(num_sequences)
+        latent = ngf * 2**num_downsampling
+        self.shared_encoder = ResidualTrunk(latent, num_shared_blocks, norm)
+        self.shared_generator = ResidualTrunk(latent, num_shared_blocks, norm)
+
+        def generator(channels: int) -> nn.Module:
+            return nn.Sequential(
+                ResidualTrunk(latent, num_res_blocks, norm),
+                StretchOutDecoder(
+                    latent, channels, num_downsampling, norm, branch_residual_block=False, stretch_out=False
+                ),
+            )
+
+        self.mask_generator, self.image_generator = generator(domain1), generator(num_sequences)
+        self.size_multiple = 2**num_downsampling
+        self.apply(normal_init)
+
+    def encode_masks(self, x: torch.Tensor) -> torch.Tensor:
+        """E1: the latent mean of a domain-1 instance."""
+        check_divisible(x, self.size_multiple)
+        return self.shared_encoder(self.mask_encoder(x))
+
+    def encode_images(self, y: torch.Tensor) -> torch.Tensor:
+        """E2: the latent mean of images."""
+        check_divisible(y, self.size_multiple)
+        return self.shared_encoder(self.image_encoder(y))
+
+    @staticmethod
+    def sample(mu: torch.Tensor) -> torch.Tensor:
+        """``z = mu + N(0, 1)``: UNIT's unit-variance reparameterisation."""
+        return mu + torch.randn_like(mu)
+
+    def decode_masks(self, z: torch.Tensor) -> torch.Tensor:
+        """G1: latent -> a domain-1 instance in [-1, 1]."""
+        return self.mask_generator(self.shared_generator(z))
+
+    def decode_images(self, z: torch.Tensor) -> torch.Tensor:
+        """G2: latent -> images in [-1, 1]."""
+        return self.image_generator(self.shared_generator(z))
+
+    def forward(
+        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """``{"images": G2(E1(x))}`` from the latent mean (atlas unused)."""
+        if tissue is None or tissue.shape[1] != self.prior_channels:
+            raise ValueError(f"UNIT's domain 1 needs the {self.prior_channels} tissue maps as its prior")
+        return {"images": self.decode_images(self.encode_masks(to_domain1(mask, tissue)))}
+
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """``G1(E2(y))``'s mask channels (B, 5, H, W) in [-1, 1]."""
+        return self.decode_masks(self.encode_images(images))[:, : self.mask_channels]
