@@ -1,7 +1,13 @@
-"""UCG-SAMR's unpaired training (TMI 2021, Sec. III-E, eq. 7-10) as a short subclass of
-:class:`~medsynth.engines.adversarial.AdversarialTrainer`.
+"""The unpaired trainers: UCG-SAMR (TMI 2021, Sec. III-E, eq. 7-10) and the papers' unpaired comparison
+systems CycleGAN and SynSeg-Net (one trainer) and UNIT, as short subclasses of one two-domain base.
 
-Per iteration, with ``x`` a domain-1 instance (mask and prior) and ``y`` unpaired images:
+Every batch holds a domain-1 instance ``x`` (the one-hot mask and its tissue prior,
+:func:`medsynth.networks.to_domain1`) and unpaired images ``y``
+(:class:`medsynth.data.unpaired.UnpairedSliceDataset`). :class:`TwoDomainTrainer` owns what they
+share: the networks (a generator module with both directions; D1 and D2 in one ``ModuleDict``), the
+discriminators' update on real versus synthesised instances of each domain, and the record.
+
+UCG-SAMR's iteration (:class:`UnpairedGANTrainer`):
 
 1. generator (E1, F1, E2, F2 together), ``L_domain1 + L_domain2`` of eq. 10:
    * reconstruction (eq. 7): ``|x - F1(E1(x))|_1`` and ``|y - F2(E2(y))|_1 + L_CM(F2's guidance | y)``;
@@ -16,6 +22,7 @@ Eq. 10 weighs every term 1; ``weight_reconstruction`` and ``weight_cycle`` keep 
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -32,26 +39,30 @@ __all__ = [
     "CycleGANTrainer",
     "ImagePool",
     "MaskFromImagesTableWriter",
+    "TwoDomainTrainer",
     "UNITTrainer",
     "UnpairedGANTrainer",
 ]
 
+logger = logging.getLogger(__name__)
+
 UNPAIRED_BATCH = PrepareDictBatch(("mask", "tissue", "image"), extra_keys=("mask_patient", "image_patient"))
 
 
-class UnpairedGANTrainer(AdversarialTrainer):
-    """UCG-SAMR's two GANs on unpaired batches (see the module docstring).
+class TwoDomainTrainer(AdversarialTrainer):
+    """Base of the unpaired trainers: a generator module with both directions and the discriminators
+    D1 (domain 1) and D2 (domain 2); subclasses implement :meth:`train_step` from :meth:`domains`,
+    :meth:`judge`, :meth:`update_discriminators` and :meth:`record`.
 
     Args:
         device, max_epochs, train_data_loader: as :class:`~medsynth.engines.AdversarialTrainer`;
             the loader yields :class:`medsynth.data.unpaired.UnpairedSliceDataset` batches.
-        generator: :class:`medsynth.networks.UCGSAMRGenerator` (E1, F1, E2, F2).
+        generator: the two directions (e.g. :class:`medsynth.networks.UCGSAMRGenerator`).
         discriminator: ``nn.ModuleDict`` with ``"domain1"`` (D1, on the 5 + 3 domain-1 channels) and
             ``"domain2"`` (D2, on the N images), each returning a list of feature lists.
         g_optimizer, d_optimizer: the two optimizers.
-        adversarial_loss: ``generator_loss`` / ``discriminator_loss`` (LSGAN by default in the bundle).
-        confidence_loss: L_CM (:class:`medsynth.losses.ConfidenceMapLoss`); ``None`` leaves it out.
-        weight_reconstruction, weight_cycle: weights of the reconstruction and cycle terms (1 in eq. 10).
+        adversarial_loss: ``generator_loss`` / ``discriminator_loss`` (LSGAN in the bundles).
+        losses: the subclass's further losses, by name (``None`` values are left out).
         engine_kwargs: ``lr_schedule``, ``train_handlers``, ``amp``, ... (see the base class).
     """
 
@@ -67,9 +78,7 @@ class UnpairedGANTrainer(AdversarialTrainer):
         g_optimizer: Optimizer,
         d_optimizer: Optimizer,
         adversarial_loss: Any,
-        confidence_loss: nn.Module | None = None,
-        weight_reconstruction: float = 1.0,
-        weight_cycle: float = 1.0,
+        losses: dict[str, Any] | None = None,
         prepare_batch: Any = UNPAIRED_BATCH,
         **engine_kwargs: Any,
     ) -> None:
@@ -79,10 +88,85 @@ class UnpairedGANTrainer(AdversarialTrainer):
             train_data_loader=train_data_loader,
             networks={"generator": generator, "discriminator": discriminator},
             optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
-            losses={"adversarial_loss": adversarial_loss, "confidence_loss": confidence_loss},
+            losses={"adversarial_loss": adversarial_loss, **(losses or {})},
             prepare_batch=prepare_batch,
             **engine_kwargs,
         )
+
+    @staticmethod
+    def domains(batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x, y)``: the batch's domain-1 instances and its (unpaired) images."""
+        return to_domain1(batch["mask"], batch["tissue"]), batch["image"]
+
+    def judge(self, fake1: torch.Tensor, fake2: torch.Tensor) -> torch.Tensor:
+        """The generators' adversarial loss: D1 on synthesised domain-1 instances, D2 on synthesised
+        images (inside the generators' autocast; the discriminators' gradients are discarded)."""
+        discriminators, adversarial = unwrap(self.networks["discriminator"]), self.losses["adversarial_loss"]
+        with self.no_sync("discriminator"):
+            judged1 = float_features(discriminators["domain1"](fake1))
+            judged2 = float_features(discriminators["domain2"](fake2))
+        return adversarial.generator_loss(judged1), adversarial.generator_loss(judged2)
+
+    def update_discriminators(
+        self, x: torch.Tensor, fake1: torch.Tensor, y: torch.Tensor, fake2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One update of D1 (real ``x`` vs ``fake1``) and D2 (real ``y`` vs ``fake2``); the fakes are
+        detached here. Each loss is the adversarial loss's ``discriminator_loss`` (0.5 * (real + fake))."""
+        discriminators, adversarial = unwrap(self.networks["discriminator"]), self.losses["adversarial_loss"]
+        with self.autocast():
+            real1, judged1 = discriminators["domain1"](x), discriminators["domain1"](fake1.detach())
+            real2, judged2 = discriminators["domain2"](y), discriminators["domain2"](fake2.detach())
+        loss_d1 = adversarial.discriminator_loss(float_features(real1), float_features(judged1))
+        loss_d2 = adversarial.discriminator_loss(float_features(real2), float_features(judged2))
+        self.optimize("discriminator", loss_d1 + loss_d2)
+        return loss_d1, loss_d2
+
+    def record(
+        self,
+        terms: dict[str, torch.Tensor],
+        loss_g: torch.Tensor,
+        loss_d1: torch.Tensor,
+        loss_d2: torch.Tensor,
+    ) -> dict[str, float]:
+        """The iteration's record: every generator term, the totals and the learning rate."""
+        record = {name: float(value.detach()) for name, value in terms.items()}
+        record.update(
+            loss_g=float(loss_g.detach()),
+            loss_d1=float(loss_d1.detach()),
+            loss_d2=float(loss_d2.detach()),
+            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
+        )
+        return record
+
+
+class UnpairedGANTrainer(TwoDomainTrainer):
+    """UCG-SAMR's two GANs (see the module docstring).
+
+    Args:
+        generator: :class:`medsynth.networks.UCGSAMRGenerator` (E1, F1, E2, F2).
+        confidence_loss: L_CM (:class:`medsynth.losses.ConfidenceMapLoss`); ``None`` leaves it out.
+        weight_reconstruction, weight_cycle: weights of the reconstruction and cycle terms (1 in eq. 10).
+        other arguments: see :class:`TwoDomainTrainer`.
+    """
+
+    def __init__(
+        self,
+        device: str | torch.device,
+        max_epochs: int,
+        train_data_loader: Any,
+        generator: nn.Module,
+        discriminator: nn.ModuleDict,
+        g_optimizer: Optimizer,
+        d_optimizer: Optimizer,
+        adversarial_loss: Any,
+        confidence_loss: nn.Module | None = None,
+        weight_reconstruction: float = 1.0,
+        weight_cycle: float = 1.0,
+        **engine_kwargs: Any,
+    ) -> None:
+        extra = {"confidence_loss": confidence_loss}
+        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
+                         d_optimizer, adversarial_loss, extra, **engine_kwargs)  # fmt: skip
         self.weights = {"reconstruction": float(weight_reconstruction), "cycle": float(weight_cycle)}
 
     def _image_side(
@@ -99,25 +183,19 @@ class UnpairedGANTrainer(AdversarialTrainer):
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         generator = unwrap(self.networks["generator"])
-        discriminators = unwrap(self.networks["discriminator"])  # the ModuleDict of D1 and D2
-        adversarial = self.losses["adversarial_loss"]
-        x, y = to_domain1(batch["mask"], batch["tissue"]), batch["image"]
-
+        x, y = self.domains(batch)
         with self.autocast():
             z1, z2 = generator.encode_masks(x), generator.encode_images(y)
             x11, y22 = generator.decode_masks(z1), generator.decode_images(z2)
             x21, y12 = generator.decode_masks(z2), generator.decode_images(z1)
             x121 = generator.decode_masks(generator.encode_images(y12["images"]))
             y212 = generator.decode_images(generator.encode_masks(x21))
-            with self.no_sync("discriminator"):
-                fake1 = float_features(discriminators["domain1"](x21))
-                fake2 = float_features(discriminators["domain2"](y12["images"]))
-        record: dict[str, float] = {}
+            gan1, gan2 = self.judge(x21, y12["images"])
         terms = {
             "loss_recon1": F.l1_loss(x11.float(), x),
-            "loss_gan1": adversarial.generator_loss(fake1),
+            "loss_gan1": gan1,
             "loss_cyc1": F.l1_loss(x121.float(), x),
-            "loss_gan2": adversarial.generator_loss(fake2),
+            "loss_gan2": gan2,
         }
         terms["loss_recon2"], recon_cm = self._image_side(y22, y)
         terms["loss_cyc2"], cycle_cm = self._image_side(y212, y)
@@ -129,22 +207,9 @@ class UnpairedGANTrainer(AdversarialTrainer):
         loss_g = sum(
             self.weights[weight[name]] * value if name in weight else value for name, value in terms.items()
         )
-        record.update({name: float(value.detach()) for name, value in terms.items()})
         self.optimize("generator", loss_g)
-
-        with self.autocast():
-            real1, fake1 = discriminators["domain1"](x), discriminators["domain1"](x21.detach())
-            real2, fake2 = discriminators["domain2"](y), discriminators["domain2"](y12["images"].detach())
-        loss_d1 = adversarial.discriminator_loss(float_features(real1), float_features(fake1))
-        loss_d2 = adversarial.discriminator_loss(float_features(real2), float_features(fake2))
-        self.optimize("discriminator", loss_d1 + loss_d2)
-        record.update(
-            loss_g=float(loss_g.detach()),
-            loss_d1=float(loss_d1.detach()),
-            loss_d2=float(loss_d2.detach()),
-            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
-        )
-        return record
+        loss_d1, loss_d2 = self.update_discriminators(x, x21, y, y12["images"])
+        return self.record(terms, loss_g, loss_d1, loss_d2)
 
 
 class MaskFromImagesTableWriter:
@@ -241,32 +306,26 @@ class ImagePool:
         return torch.stack(chosen)
 
 
-class CycleGANTrainer(AdversarialTrainer):
-    """CycleGAN (Zhu et al., ICCV 2017) on unpaired batches of the two domains:
+class CycleGANTrainer(TwoDomainTrainer):
+    """CycleGAN (Zhu et al., ICCV 2017), and SynSeg-Net (Huo et al., TMI 2019) with ``segmentation_loss``:
 
     1. generators ``G_A`` (masks -> images), ``G_B`` (images -> masks) together:
-       ``L_GAN(D_2(G_A(x))) + L_GAN(D_1(G_B(y))) + lambda_cyc * (|G_B(G_A(x)) - x|_1 + |G_A(G_B(y)) - y|_1)``;
-       CycleGAN's identity term (weight 0.5) needs both domains to have the same channels, which a
-       mask with its prior (8) and the images (N) do not: it is left out, and the log says so;
-    2. discriminators, each ``0.5 * [L(D(real), real) + L(D(pooled fake), fake)]`` (image pools of 50;
-       the halving is the adversarial loss's ``discriminator_loss``).
+       ``L_GAN(D_2(G_A(x))) + L_GAN(D_1(G_B(y))) + lambda_cyc * (|G_B(G_A(x)) - x|_1 + |G_A(G_B(y)) - y|_1)``
+       ``[+ w_seg * L_seg(S(G_A(x)), labels of x)]``; CycleGAN's identity term (weight 0.5) needs both
+       domains to have the same channels, which a mask with its prior (8) and the images (N) do not:
+       it is left out, and the log says so;
+    2. discriminators on real instances versus pooled fakes (image pools of 50).
 
     Args:
-        device, max_epochs, train_data_loader: as :class:`UnpairedGANTrainer`.
-        generator: :class:`medsynth.networks.CycleGANGenerators`.
-        discriminator: ``nn.ModuleDict`` with ``"domain1"`` and ``"domain2"``.
-        g_optimizer, d_optimizer: the two optimizers.
-        adversarial_loss: LSGAN (:class:`medsynth.losses.LeastSquaresAdversarialLoss`) in CycleGAN.
+        generator: :class:`medsynth.networks.CycleGANGenerators` (SynSeg-Net: its subclass with ``S``).
         weight_cycle: ``lambda_cyc`` (10).
         pool_size: image-pool size (50).
         seed: seeds the pools.
         segmentation_loss: SynSeg-Net's term: ``loss(S(G_A(x)) logits, mask labels)``, with ``S`` the
             generator's ``segment`` (:class:`medsynth.networks.SynSegNetGenerators`); ``None``: CycleGAN.
         weight_segmentation: its weight.
-        engine_kwargs: see the base class.
+        other arguments: see :class:`TwoDomainTrainer`.
     """
-
-    phases = ("generator", "discriminator")
 
     def __init__(
         self,
@@ -283,49 +342,31 @@ class CycleGANTrainer(AdversarialTrainer):
         seed: int = 0,
         segmentation_loss: Any = None,
         weight_segmentation: float = 1.0,
-        prepare_batch: Any = UNPAIRED_BATCH,
         **engine_kwargs: Any,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            networks={"generator": generator, "discriminator": discriminator},
-            optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
-            losses={"adversarial_loss": adversarial_loss, "segmentation_loss": segmentation_loss},
-            prepare_batch=prepare_batch,
-            **engine_kwargs,
-        )
+        extra = {"segmentation_loss": segmentation_loss}
+        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
+                         d_optimizer, adversarial_loss, extra, **engine_kwargs)  # fmt: skip
         self.weight_cycle, self.weight_segmentation = float(weight_cycle), float(weight_segmentation)
         self.pools = {"domain1": ImagePool(pool_size, seed), "domain2": ImagePool(pool_size, seed + 1)}
-        import logging
-
-        logging.getLogger(__name__).info(
+        logger.info(
             "CycleGAN: identity loss off (a mask with its prior and the images have different channels)"
         )
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         generators = unwrap(self.networks["generator"])
-        discriminators = unwrap(self.networks["discriminator"])
-        adversarial = self.losses["adversarial_loss"]
-        x, y = to_domain1(batch["mask"], batch["tissue"]), batch["image"]
+        x, y = self.domains(batch)
         with self.autocast():
             fake_y, fake_x = generators.masks_to_images(x), generators.images_to_masks(y)
             cycled_x, cycled_y = generators.images_to_masks(fake_y), generators.masks_to_images(fake_x)
-            with self.no_sync("discriminator"):
-                judged_y = float_features(discriminators["domain2"](fake_y))
-                judged_x = float_features(discriminators["domain1"](fake_x))
+            gan_b, gan_a = self.judge(fake_x, fake_y)
         terms = {
-            "loss_gan_a": adversarial.generator_loss(judged_y),
-            "loss_gan_b": adversarial.generator_loss(judged_x),
+            "loss_gan_a": gan_a,
+            "loss_gan_b": gan_b,
             "loss_cyc_a": F.l1_loss(cycled_x.float(), x),
             "loss_cyc_b": F.l1_loss(cycled_y.float(), y),
         }
-        loss_g = (
-            terms["loss_gan_a"]
-            + terms["loss_gan_b"]
-            + self.weight_cycle * (terms["loss_cyc_a"] + terms["loss_cyc_b"])
-        )
+        loss_g = gan_a + gan_b + self.weight_cycle * (terms["loss_cyc_a"] + terms["loss_cyc_b"])
         if "segmentation_loss" in self.losses:  # SynSeg-Net: S learns the masks' labels on G_A's images
             with self.autocast():
                 logits = generators.segment(fake_y)
@@ -333,32 +374,16 @@ class CycleGANTrainer(AdversarialTrainer):
             terms["loss_seg"] = self.losses["segmentation_loss"](logits.float(), labels)
             loss_g = loss_g + self.weight_segmentation * terms["loss_seg"]
         self.optimize("generator", loss_g)
-        pooled_y, pooled_x = (
-            self.pools["domain2"].query(fake_y.float()),
+        pooled_x, pooled_y = (
             self.pools["domain1"].query(fake_x.float()),
+            self.pools["domain2"].query(fake_y.float()),
         )
-        with self.autocast():
-            loss_d2 = adversarial.discriminator_loss(
-                float_features(discriminators["domain2"](y)),
-                float_features(discriminators["domain2"](pooled_y)),
-            )
-            loss_d1 = adversarial.discriminator_loss(
-                float_features(discriminators["domain1"](x)),
-                float_features(discriminators["domain1"](pooled_x)),
-            )
-        self.optimize("discriminator", loss_d1 + loss_d2)  # each already 0.5 * (real + fake)
-        record = {name: float(value.detach()) for name, value in terms.items()}
-        record.update(
-            loss_g=float(loss_g.detach()),
-            loss_d1=float(loss_d1.detach()),
-            loss_d2=float(loss_d2.detach()),
-            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
-        )
-        return record
+        loss_d1, loss_d2 = self.update_discriminators(x, pooled_x, y, pooled_y)
+        return self.record(terms, loss_g, loss_d1, loss_d2)
 
 
-class UNITTrainer(AdversarialTrainer):
-    """UNIT (Liu et al., NeurIPS 2017) on unpaired batches: with ``z ~ N(E(.), I)``,
+class UNITTrainer(TwoDomainTrainer):
+    """UNIT (Liu et al., NeurIPS 2017): with ``z ~ N(E(.), I)``,
 
     * generators: ``L_GAN(D1(G1(z2))) + L_GAN(D2(G2(z1)))``
       ``+ w_rec * (|G1(z1) - x|_1 + |G2(z2) - y|_1) + w_kl * (KL(E1(x)) + KL(E2(y)))``
@@ -368,15 +393,10 @@ class UNITTrainer(AdversarialTrainer):
     * discriminators: D1 real ``x`` vs ``G1(z2)``, D2 real ``y`` vs ``G2(z1)``.
 
     Args:
-        device, max_epochs, train_data_loader: as :class:`UnpairedGANTrainer`.
         generator: :class:`medsynth.networks.UNITGenerators`.
-        discriminator: ``nn.ModuleDict`` with ``"domain1"`` and ``"domain2"``.
-        g_optimizer, d_optimizer, adversarial_loss: as :class:`CycleGANTrainer`.
         weight_reconstruction, weight_kl, weight_cycle, weight_cycle_kl: UNIT's lambdas.
-        engine_kwargs: see the base class.
+        other arguments: see :class:`TwoDomainTrainer`.
     """
-
-    phases = ("generator", "discriminator")
 
     def __init__(
         self,
@@ -392,27 +412,16 @@ class UNITTrainer(AdversarialTrainer):
         weight_kl: float = 0.01,
         weight_cycle: float = 10.0,
         weight_cycle_kl: float = 0.01,
-        prepare_batch: Any = UNPAIRED_BATCH,
         **engine_kwargs: Any,
     ) -> None:
-        super().__init__(
-            device=device,
-            max_epochs=max_epochs,
-            train_data_loader=train_data_loader,
-            networks={"generator": generator, "discriminator": discriminator},
-            optimizers={"generator": g_optimizer, "discriminator": d_optimizer},
-            losses={"adversarial_loss": adversarial_loss},
-            prepare_batch=prepare_batch,
-            **engine_kwargs,
-        )
+        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
+                         d_optimizer, adversarial_loss, **engine_kwargs)  # fmt: skip
         self.weights = {"loss_rec": weight_reconstruction, "loss_kl": weight_kl, "loss_cyc": weight_cycle,
                         "loss_cyc_kl": weight_cycle_kl, "loss_gan": 1.0}  # fmt: skip
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         unit = unwrap(self.networks["generator"])
-        discriminators = unwrap(self.networks["discriminator"])
-        adversarial = self.losses["adversarial_loss"]
-        x, y = to_domain1(batch["mask"], batch["tissue"]), batch["image"]
+        x, y = self.domains(batch)
 
         def kl(mu: torch.Tensor) -> torch.Tensor:
             return mu.float().pow(2).mean()
@@ -424,11 +433,9 @@ class UNITTrainer(AdversarialTrainer):
             x21, y12 = unit.decode_masks(z2), unit.decode_images(z1)
             mu12, mu21 = unit.encode_images(y12), unit.encode_masks(x21)
             x121, y212 = unit.decode_masks(unit.sample(mu12)), unit.decode_images(unit.sample(mu21))
-            with self.no_sync("discriminator"):
-                judged1 = float_features(discriminators["domain1"](x21))
-                judged2 = float_features(discriminators["domain2"](y12))
+            gan1, gan2 = self.judge(x21, y12)
         terms = {
-            "loss_gan": adversarial.generator_loss(judged1) + adversarial.generator_loss(judged2),
+            "loss_gan": gan1 + gan2,
             "loss_rec": F.l1_loss(x11.float(), x) + F.l1_loss(y22.float(), y),
             "loss_kl": kl(mu1) + kl(mu2),
             "loss_cyc": F.l1_loss(x121.float(), x) + F.l1_loss(y212.float(), y),
@@ -436,17 +443,5 @@ class UNITTrainer(AdversarialTrainer):
         }
         loss_g = sum(self.weights[name] * value for name, value in terms.items())
         self.optimize("generator", loss_g)
-        with self.autocast():
-            real1, fake1 = discriminators["domain1"](x), discriminators["domain1"](x21.detach())
-            real2, fake2 = discriminators["domain2"](y), discriminators["domain2"](y12.detach())
-        loss_d1 = adversarial.discriminator_loss(float_features(real1), float_features(fake1))
-        loss_d2 = adversarial.discriminator_loss(float_features(real2), float_features(fake2))
-        self.optimize("discriminator", loss_d1 + loss_d2)
-        record = {name: float(value.detach()) for name, value in terms.items()}
-        record.update(
-            loss_g=float(loss_g.detach()),
-            loss_d1=float(loss_d1.detach()),
-            loss_d2=float(loss_d2.detach()),
-            lr=float(self.optimizers["generator"].param_groups[0]["lr"]),
-        )
-        return record
+        loss_d1, loss_d2 = self.update_discriminators(x, x21, y, y12)
+        return self.record(terms, loss_g, loss_d1, loss_d2)

@@ -40,6 +40,17 @@ def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return torch.cat([2.0 * mask - 1.0, 2.0 * prior - 1.0], dim=1)
 
 
+def domain1_input(
+    mask: torch.Tensor, tissue: torch.Tensor | None, prior_channels: int, method: str
+) -> torch.Tensor:
+    """The domain-1 instance of a harness call ``(mask, atlas, tissue)``; the tissue maps are required."""
+    if tissue is None or tissue.shape[1] != prior_channels:
+        raise ValueError(
+            f"{method}'s domain 1 needs the {prior_channels} tissue maps {TISSUE_CLASSES} as its prior"
+        )
+    return to_domain1(mask, tissue)
+
+
 class UCGSAMRGenerator(nn.Module):
     """The four networks of UCG-SAMR: E1, F1 (domain 1), E2, F2 (domain 2) (see the module docstring).
 
@@ -113,12 +124,9 @@ class UCGSAMRGenerator(nn.Module):
         self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """The mask -> images direction ``F2(E1(x))``; the atlas is unused (the prior is the tissue maps)."""
-        if tissue is None or tissue.shape[1] != self.prior_channels:
-            raise ValueError(
-                f"UCG-SAMR's domain 1 needs the {self.prior_channels} tissue maps {TISSUE_CLASSES} "
-                "as its prior"
-            )
-        return self.decode_images(self.encode_masks(to_domain1(mask, tissue)))
+        return self.decode_images(
+            self.encode_masks(domain1_input(mask, tissue, self.prior_channels, "UCG-SAMR"))
+        )
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """The images -> mask direction ``F1(E2(y))``: the mask channels (B, 5, H, W) in [-1, 1]; their
@@ -170,9 +178,7 @@ class CycleGANGenerators(nn.Module):
         self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``{"images": G_A(x)}`` for the domain-1 instance of ``mask`` and ``tissue`` (atlas unused)."""
-        if tissue is None or tissue.shape[1] != self.prior_channels:
-            raise ValueError(f"CycleGAN's domain 1 needs the {self.prior_channels} tissue maps as its prior")
-        return {"images": self.masks_to_images(to_domain1(mask, tissue))}
+        return {"images": self.masks_to_images(domain1_input(mask, tissue, self.prior_channels, "CycleGAN"))}
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``G_B(y)``'s mask channels (B, 5, H, W) in [-1, 1]."""
@@ -287,9 +293,11 @@ class UNITGenerators(nn.Module):
         self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """``{"images": G2(E1(x))}`` from the latent mean (atlas unused)."""
-        if tissue is None or tissue.shape[1] != self.prior_channels:
-            raise ValueError(f"UNIT's domain 1 needs the {self.prior_channels} tissue maps as its prior")
-        return {"images": self.decode_images(self.encode_masks(to_domain1(mask, tissue)))}
+        return {
+            "images": self.decode_images(
+                self.encode_masks(domain1_input(mask, tissue, self.prior_channels, "UNIT"))
+            )
+        }
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``G1(E2(y))``'s mask channels (B, 5, H, W) in [-1, 1]."""
