@@ -205,3 +205,28 @@ def test_the_bundle_trains_evaluates_both_directions_and_synthesises(tmp_path, c
     test = manifest[manifest["split"] == "test"].iloc[0]
     written = nib.load(out / "inference" / test["patient_id"] / "flair.nii.gz")
     assert written.shape == nib.load(test["label"]).shape
+
+
+def test_compare_puts_tables_iii_and_iv_side_by_side(tmp_path, cohort_cache):
+    from medsynth.studies.compare import compare_runs
+
+    settings = {"cache_dir": cohort_cache, **TINY, "cyclegan_ngf": 4}
+    runs = {}
+    for bundle in ("ucg_samr", "cyclegan"):
+        runs[bundle] = tmp_path / bundle
+        run(
+            config_file=bundle_config_files(REPO / "bundles" / bundle, "train"),
+            output_dir=str(runs[bundle]),
+            **settings,
+        )
+    specs = [f"{runs[b]}=bundles/{b}" for b in runs]
+    written = compare_runs(specs, tmp_path / "cmp", overrides=settings, figure=False)
+    table4 = pd.read_csv(written["table4_csv"], header=[0, 1], index_col=0)
+    assert set(table4.columns.get_level_values(0)) == {"ucg_samr", "cyclegan"}
+    assert "Dice" in set(table4.columns.get_level_values(1)) and list(table4.index) == [
+        "edema",
+        "cavity",
+        "tumor",
+    ]
+    table3 = pd.read_csv(written["table1_csv"], header=[0, 1], index_col=0)
+    assert set(table3.columns.get_level_values(0)) == {"ucg_samr", "cyclegan"}

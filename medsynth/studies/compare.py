@@ -12,6 +12,9 @@ touched; a finished evaluation of the same dataset and split is read back), and 
   brain columns per sequence, one column group per method), with the project's table writer;
 * ``table5.{csv,md}``: Table V's layout, the pixel accuracy in the whole lesion (edema, cavity and
   tumour together) per sequence and method, from the per-case counts;
+* ``table4.{csv,md}``: for unpaired models (UCG-SAMR, CycleGAN, UNIT, SynSeg-Net), whose
+  evaluation also scores the images -> mask direction, Table IV side by side (Dice, HD95,
+  sensitivity, specificity per lesion class); Table I of those runs is the paper's Table III;
 * ``fig6.png``: the same mask through every method next to the real images, with a zoomed lesion
   box and each method's absolute-error map.
 """
@@ -186,6 +189,16 @@ def compare_runs(
     shown = lesion.map(lambda value: f"{value:.1f}")  # the papers' one decimal for every sequence
     save_text(to_markdown(shown, caption=caption) + "\n", out / "table5.md")
     written.update(table5_csv=out / "table5.csv", table5_md=out / "table5.md")
+    # Table IV (the unpaired models' masks from images), side by side where the evaluations wrote it.
+    masks = {
+        name: pd.read_csv(path / f"table4_{split}.csv", index_col=0)
+        for name, path in evaluations.items()
+        if (path / f"table4_{split}.csv").is_file()
+    }
+    if masks:
+        caption = f"Table IV: lesion masks from images, {split} split, {len(first)} patient(s)"
+        table4 = write_comparison_table(masks, out, "table4", caption=caption)
+        written.update({f"table4_{kind}": path for kind, path in table4.items()})
     if figure:
         written["fig6"] = comparison_figure(runs, out / "fig6.png", dataset_dir, split, overrides or {})
     save_json({"runs": [str(r.run_dir) for r in runs], "split": split, "dataset": dataset_dir or ""},
