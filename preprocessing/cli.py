@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="copy SeriesDescription and ProtocolName into the sidecars and name files by protocol "
         "(free-text fields sites may fill with names; off by default: files are named by series number)",
     )
+    d2n.add_argument(
+        "--converter",
+        choices=("pydicom", "dcm2niix"),
+        default="pydicom",
+        help="pydicom: the project's reader (classic single-frame series; selection by --series-number); "
+        "dcm2niix: every series of the folder through dcm2niix, mosaic and enhanced multi-frame included "
+        "(anonymised, allow-listed sidecars)",
+    )
     d2n.set_defaults(func=_dicom2nifti)
     return parser
 
@@ -127,6 +135,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from preprocessing.dicom import convert_series
+
+    if args.converter == "dcm2niix":
+        from preprocessing.dcm2niix import convert_with_dcm2niix
+
+        if args.series_number is not None:
+            raise ValueError(
+                "--series-number selects with the pydicom converter; dcm2niix converts every series"
+            )
+        written = convert_with_dcm2niix(
+            args.input, args.output, free_text=args.free_text, overwrite=args.overwrite
+        )
+        for path in written:
+            print(path)
+        return 0
 
     template = "{series_number}_{protocol_name}" if args.free_text else "series_{series_number}"
     written = convert_series(
