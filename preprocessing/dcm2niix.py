@@ -30,13 +30,12 @@ from pathlib import Path
 
 from medsynth.errors import InputDataError
 from medsynth.utils.io import atomic_path, save_json
-from preprocessing.dicom import FREE_TEXT_FIELDS, SIDECAR_FIELDS
+from preprocessing.dicom import FREE_TEXT_FIELDS, GZIP_MAGIC, SIDECAR_FIELDS
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["allowed_sidecar", "convert_with_dcm2niix", "dcm2niix_executable"]
 
-_GZIP_MAGIC = b"\x1f\x8b"
 # dcm2niix writes these under the same BIDS names as the project's reader; the conversion record is
 # kept too (no header content).
 _ALLOWED = frozenset(name for name, _ in SIDECAR_FIELDS.values()) | {
@@ -69,7 +68,7 @@ def _inflated_copy(folder: Path, scratch: Path) -> int:
     count = 0
     for index, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
         with open(path, "rb") as handle:
-            compressed = handle.read(2) == _GZIP_MAGIC
+            compressed = handle.read(2) == GZIP_MAGIC
         target = scratch / f"{index:06d}.dcm"
         if compressed:
             with gzip.open(path, "rb") as source, open(target, "wb") as out:

@@ -51,7 +51,7 @@ __all__ = [
     "read_dicom_series",
 ]
 
-_GZIP_MAGIC = b"\x1f\x8b"
+GZIP_MAGIC = b"\x1f\x8b"
 # Relative tolerances of slice-geometry checks (scanner positions are rounded to ~1e-4 mm).
 _POSITION_ATOL_MM = 1e-2
 _SPACING_RTOL = 1e-2
@@ -121,7 +121,7 @@ def _read_dataset(path: Path, stop_before_pixels: bool) -> pydicom.Dataset | Non
     try:
         with open(path, "rb") as handle:
             magic = handle.read(2)
-        if magic == _GZIP_MAGIC:
+        if magic == GZIP_MAGIC:
             with gzip.open(path, "rb") as handle:
                 stream = io.BytesIO(handle.read())
         else:

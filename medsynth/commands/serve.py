@@ -54,6 +54,7 @@ def served_models(specs: list[str]) -> list[dict]:
         ValueError: an ablation override (serve the ablation's run with its bundle instead), or two runs
             with one name.
     """
+    from medsynth.data.atlas import model_atlas_sequences
     from medsynth.studies.compare import parse_run
 
     models = []
@@ -62,7 +63,7 @@ def served_models(specs: list[str]) -> list[dict]:
         if run.override is not None:
             raise ValueError(f"{spec}: serving takes RUN=BUNDLE, not an override file")
         kind = "segmentation" if run.bundle.name in SEGMENTATION_BUNDLES else "synthesis"
-        if kind == "synthesis" and not (run.run_dir / "models" / "atlas.json").is_file():
+        if kind == "synthesis" and model_atlas_sequences(run.run_dir / "models") is None:
             raise FileNotFoundError(
                 f"run {run.run_dir}: no models/atlas.json (the model's atlas); retrain it"
             )

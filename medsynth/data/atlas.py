@@ -48,6 +48,7 @@ __all__ = [
     "cohort_atlas_files",
     "find_atlas_files",
     "load_model_atlas",
+    "model_atlas_sequences",
     "resolve_model_cohort",
     "save_model_atlas",
 ]
@@ -158,6 +159,14 @@ def save_model_atlas(manifest: pd.DataFrame, models_dir: str | os.PathLike) -> d
         "saved the model's atlas (fingerprint %s) in %s", fingerprint, models_dir / MODEL_ATLAS_DIRNAME
     )
     return record
+
+
+def model_atlas_sequences(models_dir: str | os.PathLike) -> list[str] | None:
+    """The sequences a trained model synthesises, from its atlas record (``None``: no record)."""
+    import json
+
+    record = Path(models_dir) / MODEL_ATLAS_RECORD
+    return list(json.loads(record.read_text()).get("sequences", [])) if record.is_file() else None
 
 
 def load_model_atlas(models_dir: str | os.PathLike) -> dict[str, Any]:

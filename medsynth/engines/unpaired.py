@@ -146,27 +146,18 @@ class UnpairedGANTrainer(TwoDomainTrainer):
         generator: :class:`medsynth.networks.UCGSAMRGenerator` (E1, F1, E2, F2).
         confidence_loss: L_CM (:class:`medsynth.losses.ConfidenceMapLoss`); ``None`` leaves it out.
         weight_reconstruction, weight_cycle: weights of the reconstruction and cycle terms (1 in eq. 10).
-        other arguments: see :class:`TwoDomainTrainer`.
+        args, kwargs: those of :class:`TwoDomainTrainer` (networks, optimizers, adversarial loss, engine).
     """
 
     def __init__(
         self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Any,
-        generator: nn.Module,
-        discriminator: nn.ModuleDict,
-        g_optimizer: Optimizer,
-        d_optimizer: Optimizer,
-        adversarial_loss: Any,
+        *args: Any,
         confidence_loss: nn.Module | None = None,
         weight_reconstruction: float = 1.0,
         weight_cycle: float = 1.0,
-        **engine_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        extra = {"confidence_loss": confidence_loss}
-        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
-                         d_optimizer, adversarial_loss, extra, **engine_kwargs)  # fmt: skip
+        super().__init__(*args, losses={"confidence_loss": confidence_loss}, **kwargs)
         self.weights = {"reconstruction": float(weight_reconstruction), "cycle": float(weight_cycle)}
 
     def _image_side(
@@ -324,29 +315,20 @@ class CycleGANTrainer(TwoDomainTrainer):
         segmentation_loss: SynSeg-Net's term: ``loss(S(G_A(x)) logits, mask labels)``, with ``S`` the
             generator's ``segment`` (:class:`medsynth.networks.SynSegNetGenerators`); ``None``: CycleGAN.
         weight_segmentation: its weight.
-        other arguments: see :class:`TwoDomainTrainer`.
+        args, kwargs: those of :class:`TwoDomainTrainer` (networks, optimizers, adversarial loss, engine).
     """
 
     def __init__(
         self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Any,
-        generator: nn.Module,
-        discriminator: nn.ModuleDict,
-        g_optimizer: Optimizer,
-        d_optimizer: Optimizer,
-        adversarial_loss: Any,
+        *args: Any,
         weight_cycle: float = 10.0,
         pool_size: int = 50,
         seed: int = 0,
         segmentation_loss: Any = None,
         weight_segmentation: float = 1.0,
-        **engine_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        extra = {"segmentation_loss": segmentation_loss}
-        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
-                         d_optimizer, adversarial_loss, extra, **engine_kwargs)  # fmt: skip
+        super().__init__(*args, losses={"segmentation_loss": segmentation_loss}, **kwargs)
         self.weight_cycle, self.weight_segmentation = float(weight_cycle), float(weight_segmentation)
         self.pools = {"domain1": ImagePool(pool_size, seed), "domain2": ImagePool(pool_size, seed + 1)}
         logger.info(
@@ -395,27 +377,19 @@ class UNITTrainer(TwoDomainTrainer):
     Args:
         generator: :class:`medsynth.networks.UNITGenerators`.
         weight_reconstruction, weight_kl, weight_cycle, weight_cycle_kl: UNIT's lambdas.
-        other arguments: see :class:`TwoDomainTrainer`.
+        args, kwargs: those of :class:`TwoDomainTrainer` (networks, optimizers, adversarial loss, engine).
     """
 
     def __init__(
         self,
-        device: str | torch.device,
-        max_epochs: int,
-        train_data_loader: Any,
-        generator: nn.Module,
-        discriminator: nn.ModuleDict,
-        g_optimizer: Optimizer,
-        d_optimizer: Optimizer,
-        adversarial_loss: Any,
+        *args: Any,
         weight_reconstruction: float = 10.0,
         weight_kl: float = 0.01,
         weight_cycle: float = 10.0,
         weight_cycle_kl: float = 0.01,
-        **engine_kwargs: Any,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(device, max_epochs, train_data_loader, generator, discriminator, g_optimizer,
-                         d_optimizer, adversarial_loss, **engine_kwargs)  # fmt: skip
+        super().__init__(*args, **kwargs)
         self.weights = {"loss_rec": weight_reconstruction, "loss_kl": weight_kl, "loss_cyc": weight_cycle,
                         "loss_cyc_kl": weight_cycle_kl, "loss_gan": 1.0}  # fmt: skip
 

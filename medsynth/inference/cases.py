@@ -149,21 +149,14 @@ def synthesis_cases(
 def _require_the_models_sequences(sequences: Sequence[str], model_dir: str, atlas_dir: str) -> None:
     """An atlas folder must hold the sequences the model synthesises (its training atlas' record says
     which), else the network would be built for other sequences and fail on its weights."""
-    import json
+    from medsynth.data.atlas import model_atlas_sequences
 
-    from medsynth.data.atlas import MODEL_ATLAS_RECORD
-
-    record = Path(model_dir or "") / MODEL_ATLAS_RECORD
-    if not model_dir or not record.is_file():
-        return
-    trained = list(json.loads(record.read_text()).get("sequences", []))
+    trained = model_atlas_sequences(model_dir) if model_dir else None
     if trained and sorted(trained) != sorted(sequences):
         missing = [s for s in trained if s not in sequences]
         extra = [s for s in sequences if s not in trained]
         detail = "; ".join(
-            part
-            for part in (f"missing {missing}" if missing else "", f"not the model's {extra}" if extra else "")
-            if part
+            [f"missing {missing}"] * bool(missing) + [f"not the model's {extra}"] * bool(extra)
         )
         raise InputDataError(
             f"the atlas folder holds {sorted(sequences)} but the model synthesises {trained} ({detail}): "

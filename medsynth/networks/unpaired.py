@@ -40,18 +40,38 @@ def to_domain1(mask: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
     return torch.cat([2.0 * mask - 1.0, 2.0 * prior - 1.0], dim=1)
 
 
-def domain1_input(
-    mask: torch.Tensor, tissue: torch.Tensor | None, prior_channels: int, method: str
-) -> torch.Tensor:
-    """The domain-1 instance of a harness call ``(mask, atlas, tissue)``; the tissue maps are required."""
-    if tissue is None or tissue.shape[1] != prior_channels:
-        raise ValueError(
-            f"{method}'s domain 1 needs the {prior_channels} tissue maps {TISSUE_CLASSES} as its prior"
+class _TwoDomainGenerators(nn.Module):
+    """What the unpaired generator pairs share: the domains' channels and the harness's call
+    ``forward(mask, atlas, tissue)``, the mask -> images direction on the domain-1 instance of the
+    mask and its tissue prior (the atlas is unused); subclasses implement :meth:`synthesise` and
+    ``segment`` (the images -> mask direction)."""
+
+    method = "this model"
+
+    def __init__(self, num_sequences: int, mask_channels: int, prior_channels: int) -> None:
+        super().__init__()
+        self.num_sequences, self.mask_channels, self.prior_channels = (
+            num_sequences,
+            mask_channels,
+            prior_channels,
         )
-    return to_domain1(mask, tissue)
+        self.domain1_channels = mask_channels + prior_channels
+
+    def synthesise(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} must implement synthesise")
+
+    def forward(
+        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if tissue is None or tissue.shape[1] != self.prior_channels:
+            raise ValueError(
+                f"{self.method}'s domain 1 needs the {self.prior_channels} tissue maps {TISSUE_CLASSES} "
+                "as its prior"
+            )
+        return self.synthesise(to_domain1(mask, tissue))
 
 
-class UCGSAMRGenerator(nn.Module):
+class UCGSAMRGenerator(_TwoDomainGenerators):
     """The four networks of UCG-SAMR: E1, F1 (domain 1), E2, F2 (domain 2) (see the module docstring).
 
     Args:
@@ -66,6 +86,8 @@ class UCGSAMRGenerator(nn.Module):
         stretch_out: F2 with one branch per sequence (CG-SAMR's).
     """
 
+    method = "UCG-SAMR"
+
     def __init__(
         self,
         num_sequences: int = len(CLINICAL_SEQUENCES),
@@ -77,18 +99,13 @@ class UCGSAMRGenerator(nn.Module):
         norm: str = "batch",
         stretch_out: bool = True,
     ) -> None:
-        super().__init__()
+        super().__init__(num_sequences, mask_channels, prior_channels)
         norm = check_norm(norm)
         if num_downsampling < 1:
             raise ValueError(
                 f"UCG-SAMR needs num_downsampling >= 1 (F2 guides at 0.5 scale); got {num_downsampling}"
             )
-        self.mask_channels, self.prior_channels, self.num_sequences = (
-            mask_channels,
-            prior_channels,
-            num_sequences,
-        )
-        domain1 = mask_channels + prior_channels
+        domain1 = self.domain1_channels
         self.mask_encoder = ConvEncoder(domain1, 2 * base_width, num_downsampling, norm)  # E1's own layers
         self.image_encoder = ConvEncoder(num_sequences, 2 * base_width, num_downsampling, norm)  # E2's
         latent = self.mask_encoder.out_channels
@@ -120,13 +137,9 @@ class UCGSAMRGenerator(nn.Module):
         """F2: latent -> ``"images"``, ``"intermediate"`` and ``"confidence"`` (CG-SAMR's decoder)."""
         return self.image_decoder(z)
 
-    def forward(
-        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The mask -> images direction ``F2(E1(x))``; the atlas is unused (the prior is the tissue maps)."""
-        return self.decode_images(
-            self.encode_masks(domain1_input(mask, tissue, self.prior_channels, "UCG-SAMR"))
-        )
+    def synthesise(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The mask -> images direction ``F2(E1(x))``."""
+        return self.decode_images(self.encode_masks(x))
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """The images -> mask direction ``F1(E2(y))``: the mask channels (B, 5, H, W) in [-1, 1]; their
@@ -134,7 +147,7 @@ class UCGSAMRGenerator(nn.Module):
         return self.decode_masks(self.encode_images(images))[:, : self.mask_channels]
 
 
-class CycleGANGenerators(nn.Module):
+class CycleGANGenerators(_TwoDomainGenerators):
     """CycleGAN's two generators (Zhu et al., ICCV 2017) between the same domains as UCG-SAMR:
     ``masks_to_images`` (domain 1 -> 2) and ``images_to_masks`` (2 -> 1), each a ResNet translator
     (``resnet_9blocks``: 2 down-samplings, 9 residual blocks, instance norm, reflection padding,
@@ -148,6 +161,8 @@ class CycleGANGenerators(nn.Module):
         ngf, num_downsampling, num_res_blocks, norm: of both translators (CycleGAN: 64, 2, 9, instance).
     """
 
+    method = "CycleGAN"
+
     def __init__(
         self,
         num_sequences: int = len(CLINICAL_SEQUENCES),
@@ -160,13 +175,8 @@ class CycleGANGenerators(nn.Module):
     ) -> None:
         from medsynth.networks.pix2pix import ResnetTranslator
 
-        super().__init__()
-        self.mask_channels, self.prior_channels, self.num_sequences = (
-            mask_channels,
-            prior_channels,
-            num_sequences,
-        )
-        domain1 = mask_channels + prior_channels
+        super().__init__(num_sequences, mask_channels, prior_channels)
+        domain1 = self.domain1_channels
         self.masks_to_images = ResnetTranslator(
             domain1, num_sequences, ngf, num_downsampling, num_res_blocks, norm
         )
@@ -174,11 +184,9 @@ class CycleGANGenerators(nn.Module):
             num_sequences, domain1, ngf, num_downsampling, num_res_blocks, norm
         )
 
-    def forward(
-        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``{"images": G_A(x)}`` for the domain-1 instance of ``mask`` and ``tissue`` (atlas unused)."""
-        return {"images": self.masks_to_images(domain1_input(mask, tissue, self.prior_channels, "CycleGAN"))}
+    def synthesise(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"images": G_A(x)}``."""
+        return {"images": self.masks_to_images(x)}
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``G_B(y)``'s mask channels (B, 5, H, W) in [-1, 1]."""
@@ -211,7 +219,7 @@ class SynSegNetGenerators(CycleGANGenerators):
         return self.segmenter(images)
 
 
-class UNITGenerators(nn.Module):
+class UNITGenerators(_TwoDomainGenerators):
     """UNIT (Liu et al., NeurIPS 2017) between UCG-SAMR's domains: VAE encoders ``E1``, ``E2`` whose last
     residual blocks are shared, generators ``G1``, ``G2`` whose first residual blocks are shared, one
     latent space. The encoders give the mean ``mu`` of a unit-variance Gaussian; training samples
@@ -229,6 +237,8 @@ class UNITGenerators(nn.Module):
         norm: ``"instance"`` (UNIT) or ``"batch"``.
     """
 
+    method = "UNIT"
+
     def __init__(
         self,
         num_sequences: int = len(CLINICAL_SEQUENCES),
@@ -240,10 +250,9 @@ class UNITGenerators(nn.Module):
         num_res_blocks: int = 3,
         norm: str = "instance",
     ) -> None:
-        super().__init__()
+        super().__init__(num_sequences, mask_channels, prior_channels)
         norm = check_norm(norm)
-        self.mask_channels, self.prior_channels = mask_channels, prior_channels
-        domain1 = mask_channels + prior_channels
+        domain1 = self.domain1_channels
 
         def encoder(channels: int) -> nn.Module:
             convs = ConvEncoder(channels, ngf, num_downsampling, norm)
@@ -289,15 +298,9 @@ class UNITGenerators(nn.Module):
         """G2: latent -> images in [-1, 1]."""
         return self.image_generator(self.shared_generator(z))
 
-    def forward(
-        self, mask: torch.Tensor, atlas: torch.Tensor | None = None, tissue: torch.Tensor | None = None
-    ) -> dict[str, torch.Tensor]:
-        """``{"images": G2(E1(x))}`` from the latent mean (atlas unused)."""
-        return {
-            "images": self.decode_images(
-                self.encode_masks(domain1_input(mask, tissue, self.prior_channels, "UNIT"))
-            )
-        }
+    def synthesise(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"images": G2(E1(x))}`` from the latent mean."""
+        return {"images": self.decode_images(self.encode_masks(x))}
 
     def segment(self, images: torch.Tensor) -> torch.Tensor:
         """``G1(E2(y))``'s mask channels (B, 5, H, W) in [-1, 1]."""

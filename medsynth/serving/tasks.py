@@ -112,10 +112,12 @@ def _result_path(suffix: str) -> str:
 
 
 def _model_sequences(run_dir: Path) -> list[str]:
-    record = run_dir / "models" / "atlas.json"
-    if not record.is_file():
+    from medsynth.data.atlas import model_atlas_sequences
+
+    sequences = model_atlas_sequences(run_dir / "models")
+    if not sequences:
         raise FileNotFoundError(f"{run_dir}: no models/atlas.json; serve a trained synthesis run")
-    return list(json.loads(record.read_text())["sequences"])
+    return sequences
 
 
 class SynthesisTask(InferTask):
