@@ -27,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--input",
         required=True,
-        help="folder of patient folders (<seq>.nii.gz files and/or <seq>/ DICOM folders)",
+        help="folder of patient folders (<seq>.nii.gz files, <seq>/ DICOM folders, or a raw DICOM exam "
+        "whose series get their roles from the headers), or a BIDS dataset",
     )
     run.add_argument("--output", required=True, help="output folder (manifest.csv, <pid>/, atlas/, qc/)")
     run.add_argument("--workers", type=int, default=1, help="Dask worker processes (1: run in this process)")
@@ -74,6 +75,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="also make CSF, grey- and white-matter probability maps (ANTs Atropos inside the brain, "
         "lesion excluded): the input of the Shin et al. baseline (bundles/shin)",
     )
+    run.add_argument(
+        "--sequence-roles",
+        default=None,
+        metavar="FILE",
+        help="JSON rules giving raw DICOM series their roles, tried before the defaults "
+        "(preprocessing/sequence_roles.json documents the form)",
+    )
+    run.add_argument(
+        "--volume",
+        type=int,
+        default=None,
+        metavar="INDEX",
+        help="take this volume of a multi-volume (4D) series instead of refusing it",
+    )
+    run.add_argument(
+        "--bids-aptw",
+        default="acq-APT",
+        metavar="ENTITY",
+        help="with a BIDS input: the key-value entity of the APTw files, any suffix (default acq-APT; "
+        "BIDS has no APTw suffix)",
+    )
+    run.add_argument(
+        "--bids-session", default=None, metavar="LABEL", help="with a BIDS input: the session to take"
+    )
+    run.add_argument("--no-bids-derivatives", action="store_true", help="do not write OUT/bids_derivatives")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_run)
 
@@ -91,18 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     d2n.add_argument(
         "--converter",
         choices=("pydicom", "dcm2niix"),
-        default="pydicom",
-        help="pydicom: the project's reader (classic single-frame series; selection by --series-number); "
-        "dcm2niix: every series of the folder through dcm2niix, mosaic and enhanced multi-frame included "
-        "(anonymised, allow-listed sidecars)",
+        default=None,
+        help="dcm2niix (the default): every series of the folder through dcm2niix, mosaic and enhanced "
+        "multi-frame included (anonymised, allow-listed sidecars); pydicom: the project's reader "
+        "(classic single-frame series, strict slice-geometry checks; the default with --series-number, "
+        "which selects one series)",
     )
     d2n.set_defaults(func=_dicom2nifti)
     return parser
 
 
 def _run(args: argparse.Namespace) -> int:
+    from preprocessing.bids import aptw_entity
     from preprocessing.pipeline import PipelineConfig
+    from preprocessing.roles import load_role_rules
     from preprocessing.runner import CohortConfig, run_cohort
+
+    # Settings files and values are checked before any patient is touched.
+    load_role_rules(args.sequence_roles)
+    aptw_entity(args.bids_aptw)
 
     pipeline = PipelineConfig(
         reference=args.reference,
@@ -110,6 +143,8 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         exclude_lesion=args.exclude_lesion,
         label_space=args.label_space,
+        sequence_roles=args.sequence_roles,
+        volume=args.volume,
     )
     if args.label_glob:
         pipeline.label_globs = tuple(args.label_glob)
@@ -124,6 +159,9 @@ def _run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         tissue_maps=args.tissue_maps,
         drop_incomplete_sequences=args.drop_incomplete_sequences,
+        bids_aptw_entity=args.bids_aptw,
+        bids_session=args.bids_session,
+        bids_derivatives=not args.no_bids_derivatives,
     )
     result = run_cohort(args.input, args.output, config)
     print(f"manifest: {result.manifest}\ntimings: {result.timings}\nQC: {result.qc_page}")
@@ -136,13 +174,13 @@ def _run(args: argparse.Namespace) -> int:
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from preprocessing.dicom import convert_series
 
+    if args.converter is None:
+        args.converter = "dcm2niix" if args.series_number is None else "pydicom"
+    if args.converter == "dcm2niix" and args.series_number is not None:
+        raise ValueError("--series-number selects with --converter pydicom; dcm2niix converts every series")
     if args.converter == "dcm2niix":
         from preprocessing.dcm2niix import convert_with_dcm2niix
 
-        if args.series_number is not None:
-            raise ValueError(
-                "--series-number selects with the pydicom converter; dcm2niix converts every series"
-            )
         written = convert_with_dcm2niix(
             args.input, args.output, free_text=args.free_text, overwrite=args.overwrite
         )

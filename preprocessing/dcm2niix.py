@@ -26,16 +26,31 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import nibabel as nib
+import numpy as np
 
 from medsynth.errors import InputDataError
 from medsynth.utils.io import atomic_path, save_json
 from preprocessing.dicom import FREE_TEXT_FIELDS, GZIP_MAGIC, SIDECAR_FIELDS
+from preprocessing.roles import RoleAssignment, RoleRules, assign_roles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["allowed_sidecar", "convert_with_dcm2niix", "dcm2niix_executable"]
+__all__ = [
+    "allowed_sidecar",
+    "convert_exam",
+    "convert_with_dcm2niix",
+    "dcm2niix_executable",
+    "load_dicom_folder",
+    "series_stem",
+]
 
+# (offset, size) of the NIfTI-1 header's free-text fields: descrip and aux_file.
+_FREE_TEXT_HEADER_FIELDS = ((148, 80), (228, 24))
 # dcm2niix writes these under the same BIDS names as the project's reader; the conversion record is
 # kept too (no header content).
 _ALLOWED = frozenset(name for name, _ in SIDECAR_FIELDS.values()) | {
@@ -64,9 +79,15 @@ def allowed_sidecar(sidecar: dict, free_text: bool = False) -> dict:
 
 
 def _inflated_copy(folder: Path, scratch: Path) -> int:
-    """Copy the folder's files into ``scratch``, gzip-inflated where compressed; returns the count."""
+    """Copy the folder's files into ``scratch``, gzip-inflated where compressed; returns the count.
+
+    NIfTI files (a label or a reference beside the DICOM) are not DICOM and are left out.
+    """
     count = 0
-    for index, path in enumerate(sorted(p for p in folder.rglob("*") if p.is_file())):
+    files = sorted(
+        p for p in folder.rglob("*") if p.is_file() and not p.name.lower().endswith((".nii", ".nii.gz"))
+    )
+    for index, path in enumerate(files):
         with open(path, "rb") as handle:
             compressed = handle.read(2) == GZIP_MAGIC
         target = scratch / f"{index:06d}.dcm"
@@ -77,6 +98,72 @@ def _inflated_copy(folder: Path, scratch: Path) -> int:
             shutil.copyfile(path, target)
         count += 1
     return count
+
+
+@contextmanager
+def _dcm2niix_series(folder: Path) -> Iterator[list[tuple[Path, dict]]]:
+    """Run dcm2niix on ``folder`` into a temporary folder; yields ``(nifti, raw sidecar)`` per output.
+
+    The raw sidecar is dcm2niix's anonymised one (``-ba y``) *before* the allow-list: it may hold free
+    text, so callers use it in memory only. The temporary folder is removed on exit.
+
+    Raises:
+        InputDataError: no file in the folder, or dcm2niix converted nothing (named by folder only).
+    """
+    if not folder.is_dir():
+        raise InputDataError("DICOM folder does not exist", path=folder)
+    with tempfile.TemporaryDirectory(prefix="medsynth_dcm2niix_") as work:
+        scratch, converted = Path(work) / "in", Path(work) / "out"
+        scratch.mkdir()
+        converted.mkdir()
+        if _inflated_copy(folder, scratch) == 0:
+            raise InputDataError("no file in the DICOM folder", path=folder)
+        command = [dcm2niix_executable(), "-b", "y", "-ba", "y", "-z", "y", "-f", "series_%s"]
+        command += ["-o", str(converted), str(scratch)]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+        outputs = sorted(converted.glob("*.nii.gz"))
+        logger.info("dcm2niix: return code %d, %d volume(s) from %s", result.returncode, len(outputs), folder)
+        if not outputs:
+            raise InputDataError(
+                f"dcm2niix converted no series (return code {result.returncode}): "
+                "not DICOM, or a kind it does not support",
+                path=folder,
+            )
+        series = []
+        for nifti in outputs:
+            sidecar_path = nifti.with_name(nifti.name[: -len(".nii.gz")] + ".json")
+            series.append((nifti, json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}))
+        yield series
+
+
+def _cleared_header(nifti: Path) -> bytes:
+    """The gzipped NIfTI with its free-text header fields blanked.
+
+    dcm2niix writes header text there: ``descrip`` (echo time, acquisition time) and ``aux_file``
+    (the DICOM ImageComments, which sites fill freely). The bytes are patched in place, so voxels,
+    scaling and geometry stay dcm2niix's.
+    """
+    raw = bytearray(gzip.decompress(nifti.read_bytes()))
+    if int.from_bytes(raw[:4], "little") != 348 and int.from_bytes(raw[:4], "big") != 348:
+        raise InputDataError("dcm2niix wrote a header that is not NIfTI-1", path=nifti.name)
+    for offset, size in _FREE_TEXT_HEADER_FIELDS:
+        raw[offset : offset + size] = bytes(size)
+    return gzip.compress(bytes(raw), compresslevel=6)
+
+
+def _write_series(nifti: Path, sidecar: dict, out_dir: Path, free_text: bool) -> tuple[Path, Path]:
+    stem = nifti.name[: -len(".nii.gz")]
+    target, sidecar_target = out_dir / nifti.name, out_dir / f"{stem}.json"
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(_cleared_header(nifti))
+    save_json(allowed_sidecar(sidecar, free_text), sidecar_target)
+    return target, sidecar_target
+
+
+def series_stem(path: str | os.PathLike) -> str:
+    """``series_5001`` of ``.../series_5001.nii.gz``."""
+    name = Path(path).name
+    return name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
 
 
 def convert_with_dcm2niix(
@@ -96,50 +183,65 @@ def convert_with_dcm2niix(
     Raises:
         InputDataError: no DICOM file, or dcm2niix converted nothing (named by folder only).
     """
-    folder, out_dir = Path(folder), Path(out_dir)
-    if not folder.is_dir():
-        raise InputDataError("DICOM folder does not exist", path=folder)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="medsynth_dcm2niix_") as work:
-        scratch, converted = Path(work) / "in", Path(work) / "out"
-        scratch.mkdir()
-        converted.mkdir()
-        if _inflated_copy(folder, scratch) == 0:
-            raise InputDataError("no file in the DICOM folder", path=folder)
-        command = [
-            dcm2niix_executable(),
-            "-b",
-            "y",
-            "-ba",
-            "y",
-            "-z",
-            "y",
-            "-f",
-            "series_%s",
-            "-o",
-            str(converted),
-            str(scratch),
-        ]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=3600)
-        outputs = sorted(converted.glob("*.nii.gz"))
-        logger.info("dcm2niix: return code %d, %d volume(s) from %s", result.returncode, len(outputs), folder)
-        if not outputs:
-            raise InputDataError(
-                f"dcm2niix converted no series (return code {result.returncode}): "
-                "not DICOM, or a kind it does not support",
-                path=folder,
-            )
-        written: list[Path] = []
-        for nifti in outputs:
-            stem = nifti.name[: -len(".nii.gz")]
-            target, sidecar_target = out_dir / nifti.name, out_dir / f"{stem}.json"
-            if target.exists() and sidecar_target.exists() and not overwrite:
-                written += [target, sidecar_target]
-                continue
-            sidecar_path = converted / f"{stem}.json"
-            sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
-            with atomic_path(target) as tmp:
-                shutil.copyfile(nifti, tmp)
-            save_json(allowed_sidecar(sidecar, free_text), sidecar_target)
+    out_dir = Path(out_dir)
+    written: list[Path] = []
+    with _dcm2niix_series(Path(folder)) as series:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for nifti, sidecar in series:
+            target, sidecar_target = out_dir / nifti.name, out_dir / f"{series_stem(nifti)}.json"
+            if not (target.exists() and sidecar_target.exists()) or overwrite:
+                _write_series(nifti, sidecar, out_dir, free_text)
             written += [target, sidecar_target]
     return sorted(written)
+
+
+def convert_exam(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    rules: RoleRules | None = None,
+    patient_id: str | None = None,
+) -> tuple[dict[str, Path], RoleAssignment]:
+    """Convert a raw DICOM exam (every series of ``folder``) and give its series their roles.
+
+    The roles are decided on dcm2niix's sidecars before the allow-list (see :mod:`preprocessing.roles`);
+    what is written is the allow-listed sidecar, so no free text reaches ``out_dir``.
+
+    Returns:
+        ``(paths, assignment)``: every converted series stem -> its NIfTI in ``out_dir``, and the roles.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with _dcm2niix_series(Path(folder)) as series:
+        paths = {series_stem(n): _write_series(n, s, out_dir, free_text=False)[0] for n, s in series}
+        assignment = assign_roles({series_stem(n): s for n, s in series}, rules, patient_id)
+    return paths, assignment
+
+
+def load_dicom_folder(folder: str | os.PathLike, volume: int | None = None) -> nib.Nifti1Image:
+    """The one series of a sequence's DICOM folder, converted by dcm2niix, as an in-memory image.
+
+    Args:
+        folder: a folder holding one DICOM series (classic, mosaic, multi-frame; plain or gzipped).
+        volume: the volume to take from a multi-volume series (``None``: refused, naming the folder).
+
+    Raises:
+        InputDataError: several series in the folder, a 4D series without ``volume``, or no series.
+    """
+    from preprocessing.imageio import load_image
+
+    folder = Path(folder)
+    with _dcm2niix_series(folder) as series:
+        if len(series) > 1:
+            stems = ", ".join(series_stem(n) for n, _ in series)
+            raise InputDataError(
+                f"holds {len(series)} series ({stems}); a sequence folder holds one (or give the whole "
+                "exam folder, without sequence folders, so that roles come from the headers)",
+                path=folder,
+            )
+        nifti = series[0][0]
+        try:
+            image = load_image(nifti, volume=volume)
+        except InputDataError as err:
+            raise InputDataError(f"series {series_stem(nifti)} {err.problem}", path=folder) from None
+        # The temporary file goes when this block ends: hold the voxels in memory.
+        return nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)

@@ -218,7 +218,16 @@ def _geometry(slices: list[_Slice], folder: Path, slice_spacing: str) -> tuple[l
     first = slices[0]
     if "PerFrameFunctionalGroupsSequence" in first.dataset:
         raise InputDataError(
-            "enhanced (multi-frame) DICOM is not supported; export classic DICOM", path=first.path
+            "enhanced (multi-frame) DICOM: the project's reader takes classic series only; convert with "
+            "dcm2niix (the default of dicom2nifti and of preprocessing run)",
+            path=first.path,
+        )
+    image_type = [str(v).upper() for v in (first.dataset.get("ImageType") or [])]
+    if "MOSAIC" in image_type or (0x0019, 0x100A) in first.dataset:
+        raise InputDataError(
+            "Siemens mosaic (slices tiled in one image per volume): the project's reader does not un-tile "
+            "them; convert with dcm2niix (the default of dicom2nifti and of preprocessing run)",
+            path=first.path,
         )
     orientation = _float_list(first.dataset.ImageOrientationPatient, 6, "ImageOrientationPatient", first.path)
     spacing = _float_list(first.dataset.PixelSpacing, 2, "PixelSpacing", first.path)

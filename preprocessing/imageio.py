@@ -46,21 +46,37 @@ _ANTS_NATIVE = (np.uint8, np.uint32, np.float32, np.float64)
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
-def _spatial_data(img: nib.Nifti1Image) -> np.ndarray:
+def _spatial_data(img: nib.Nifti1Image, volume: int | None = None) -> np.ndarray:
     data = np.asanyarray(img.dataobj)
     # Trailing singleton dimensions (e.g. 3D stored as 4D with one volume) carry no information.
     while data.ndim > 3 and data.shape[-1] == 1:
         data = data[..., 0]
+    if data.ndim == 4:
+        count = data.shape[3]
+        if volume is None:
+            raise InputDataError(
+                f"is a multi-volume series ({count} volumes, shape {data.shape}); the anatomical "
+                f"pipeline takes one 3D volume: choose one with --volume INDEX (0..{count - 1})",
+                path=img.get_filename(),
+            )
+        if not -count <= volume < count:
+            raise InputDataError(
+                f"has {count} volumes; --volume {volume} is not one of 0..{count - 1}",
+                path=img.get_filename(),
+            )
+        logger.info("%s: volume %d of %d taken", Path(img.get_filename() or "image").name, volume, count)
+        data = data[..., volume]
     if data.ndim != 3:
         raise InputDataError(f"expected a 3D image, got shape {data.shape}", path=img.get_filename())
     return data
 
 
-def load_image(path: str | os.PathLike, **dicom_kwargs) -> nib.Nifti1Image:
+def load_image(path: str | os.PathLike, volume: int | None = None, **dicom_kwargs) -> nib.Nifti1Image:
     """Load a 3D image from a NIfTI file or a DICOM series folder.
 
     Args:
         path: ``.nii``/``.nii.gz`` file, or a folder with one DICOM series (plain or ``.dcm.gz``).
+        volume: index of the volume to take from a 4D NIfTI (``None``: 4D is refused, naming the file).
         dicom_kwargs: forwarded to :func:`preprocessing.dicom.read_dicom_series` for folders
             (``series_number``, ``series_description``).
 
@@ -84,9 +100,10 @@ def load_image(path: str | os.PathLike, **dicom_kwargs) -> nib.Nifti1Image:
         raise InputDataError(f"cannot read NIfTI: {err}", path=path) from err
     if not isinstance(image, nib.Nifti1Image):
         image = nib.Nifti1Image(np.asanyarray(image.dataobj), image.affine, image.header)
-    data = _spatial_data(image)
+    data = _spatial_data(image, volume)
     if data.ndim != len(image.shape):
         image = nib.Nifti1Image(data, image.affine, image.header)
+        image.set_filename(str(path))
     if np.issubdtype(image.get_data_dtype(), np.floating):
         n_bad = int(np.count_nonzero(~np.isfinite(np.asanyarray(image.dataobj))))
         if n_bad:

@@ -9,7 +9,10 @@ interrupted cohort resumes where it stopped, and a killed step leaves no half-wr
 Order (the papers' section IV-A, with the skull stripping moved to the native grid of the sharpest
 anatomical sequence so that thin slices, not the 4.4 mm APTw slab, decide the brain boundary):
 
-1. ``ingest``: NIfTI files or DICOM folders -> ``<seq>.nii.gz`` (no header metadata is carried).
+0. ``convert`` (a raw DICOM exam: the patient folder holds DICOM files, no per-sequence names): every
+   series through dcm2niix, roles from the headers (:mod:`preprocessing.roles`), ``roles.json``.
+1. ``ingest``: NIfTI files or DICOM folders (dcm2niix) -> ``<seq>.nii.gz`` (no header metadata is
+   carried); a 4D series is refused unless ``volume`` picks one of its volumes.
 2. ``skullstrip``: deepbet brain mask on the best anatomical sequence, on its own grid.
 3. ``register``: rigid/affine transforms of every sequence to the reference (the APTw slab when
    present, else Gd-T1w, else the first sequence). With an APTw reference the anatomical sequences
@@ -69,6 +72,7 @@ __all__ = [
     "choose_hub",
     "choose_reference",
     "choose_skull_strip_sequence",
+    "convert_dicom_exam",
     "coregister_exam",
     "discover_exam",
     "final_paths",
@@ -107,6 +111,9 @@ class PipelineConfig:
         n4_iterations: N4 iterations per fitting level.
         label_globs: file patterns (relative to the patient folder) of an expert label/segmentation.
         label_space: sequence whose world space the label is drawn in (default: the reference).
+        sequence_roles: a user's sequence-roles file for raw DICOM exams (tried before the defaults,
+            :data:`preprocessing.roles.DEFAULT_ROLES_FILE`).
+        volume: index of the volume to take from a 4D (multi-volume) series; ``None`` refuses them.
     """
 
     reference: str = "aptw"
@@ -123,6 +130,8 @@ class PipelineConfig:
     n4_iterations: tuple[int, ...] = (50, 50, 30)
     label_globs: tuple[str, ...] = ("label.nii.gz", "seg.nii.gz", "label.nii", "seg.nii")
     label_space: str | None = None
+    sequence_roles: str | None = None
+    volume: int | None = None
 
     def registration_kwargs(self) -> dict[str, Any]:
         return dict(
@@ -137,12 +146,17 @@ class PipelineConfig:
 
 @dataclass
 class Exam:
-    """One raw exam: where each sequence (file or DICOM folder) and the optional label are."""
+    """One raw exam: where each sequence (file or DICOM folder) and the optional label are.
+
+    ``dicom_exam``: the folder is a raw DICOM exam whose series get their roles from their headers
+    (``sequences`` is empty until the ``convert`` step).
+    """
 
     patient_id: str
     folder: Path
     sequences: dict[str, Path]
     label: Path | None = None
+    dicom_exam: bool = False
 
 
 @dataclass
@@ -172,7 +186,8 @@ def discover_exam(folder: str | os.PathLike, label_globs: Sequence[str] = Pipeli
 
     ``<seq>.nii.gz`` files and ``<seq>/`` DICOM folders are recognised through
     :func:`~medsynth.constants.canonical_sequence` (``t1c.nii.gz`` is Gd-T1w); a ``truth/`` folder and
-    other files are ignored, except the first match of ``label_globs`` (the expert label).
+    other files are ignored, except the first match of ``label_globs`` (the expert label). A folder
+    with no such name but DICOM files (anywhere below it) is a raw DICOM exam (``dicom_exam``).
 
     Raises:
         InputDataError: missing folder, a sequence given twice, or no sequence at all.
@@ -209,6 +224,8 @@ def discover_exam(folder: str | os.PathLike, label_globs: Sequence[str] = Pipeli
             label = matches[0]
             break
     ignored = [n for n in ignored if label is None or n != label.name]
+    if not sequences and _holds_dicom(folder):
+        return Exam(patient_id=patient_id, folder=folder, sequences={}, label=label, dicom_exam=True)
     images = [n for n in ignored if n.lower().endswith(_NIFTI) or (folder / n).is_dir()]
     if images:  # image data under a name no role matches: say it, it may be a sequence misnamed
         logger.warning(
@@ -228,6 +245,31 @@ def discover_exam(folder: str | os.PathLike, label_globs: Sequence[str] = Pipeli
         )
     ordered = {s: sequences[s] for s in CLINICAL_SEQUENCES if s in sequences}
     return Exam(patient_id=patient_id, folder=folder, sequences=ordered, label=label)
+
+
+def _holds_dicom(folder: Path, probe: int = 20) -> bool:
+    """Whether one of the first ``probe`` non-NIfTI files below ``folder`` is DICOM (gzipped or not)."""
+    import gzip
+
+    from preprocessing.dicom import GZIP_MAGIC
+
+    files = (
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_NIFTI)
+    )
+    for _, path in zip(range(probe), files, strict=False):
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+        if head[:2] == GZIP_MAGIC:
+            try:
+                with gzip.open(path, "rb") as handle:
+                    head = handle.read(132)
+            except OSError:
+                continue
+        if head[128:132] == b"DICM":
+            return True
+    return False
 
 
 def choose_reference(sequences: Sequence[str], preferred: str = "aptw") -> str:
@@ -340,12 +382,19 @@ def _check_image(img: nib.Nifti1Image, path: Path, patient_id: str) -> None:
         raise InputDataError("image is constant", path=path, patient_id=patient_id)
 
 
-def ingest_exam(exam: Exam) -> dict[str, nib.Nifti1Image]:
-    """Load every sequence of ``exam`` (NIfTI or DICOM) and validate it."""
+def ingest_exam(exam: Exam, volume: int | None = None) -> dict[str, nib.Nifti1Image]:
+    """Load every sequence of ``exam`` (NIfTI, or a DICOM folder through dcm2niix) and validate it.
+
+    Args:
+        exam: the exam.
+        volume: the volume to take from a 4D series (``None``: a 4D series is refused).
+    """
+    from preprocessing.dcm2niix import load_dicom_folder
+
     images = {}
     for sequence, path in exam.sequences.items():
         try:
-            img = load_image(path)
+            img = load_dicom_folder(path, volume) if path.is_dir() else load_image(path, volume=volume)
         except InputDataError as err:
             raise InputDataError(err.problem, path=path, patient_id=exam.patient_id) from err
         _check_image(img, path, exam.patient_id)
@@ -416,6 +465,51 @@ def work_dir(out_dir: str | os.PathLike, patient_id: str) -> Path:
     return Path(out_dir) / patient_id / "work"
 
 
+def convert_dicom_exam(
+    exam: Exam, step_dir: Path, config: PipelineConfig, records: list[StepRecord] | None = None
+) -> Exam:
+    """The ``convert`` step of a raw DICOM exam: every series through dcm2niix, roles from headers.
+
+    Returns:
+        The exam with its ``sequences`` set to the converted series that took a role.
+
+    Raises:
+        InputDataError: no series took a role (the unmatched ones are listed by number).
+    """
+    from preprocessing.dcm2niix import convert_exam
+    from preprocessing.roles import RoleAssignment, load_role_rules
+
+    rules = load_role_rules(config.sequence_roles)
+
+    def _convert(out: Path):
+        paths, assignment = convert_exam(exam.folder, out / "series", rules, exam.patient_id)
+        roles_path = save_json(assignment.to_json(), out / "roles.json")
+        return {"roles": roles_path, **{f"series/{k}": v for k, v in paths.items()}}, {
+            "roles": assignment.roles
+        }
+
+    rec = run_step(
+        step_dir,
+        "convert",
+        {"dicom": exam.folder},
+        {"rules": [dict(r) for r in rules.rules], "prefer": [dict(p) for p in rules.prefer]},
+        _convert,
+    )
+    if records is not None:
+        records.append(rec)
+    assignment = RoleAssignment.from_json(json.loads((step_dir / rec.outputs["roles"]).read_text()))
+    if not assignment.roles:
+        unmatched = ", ".join(assignment.unmatched) or "none"
+        raise InputDataError(
+            f"no series of the DICOM exam took a sequence role (unmatched: {unmatched}); "
+            "give the roles with --sequence-roles FILE",
+            path=exam.folder,
+            patient_id=exam.patient_id,
+        )
+    sequences = {role: step_dir / "series" / f"{stem}.nii.gz" for role, stem in assignment.roles.items()}
+    return Exam(exam.patient_id, exam.folder, sequences, exam.label)
+
+
 def preprocess_patient(
     exam: Exam | str | os.PathLike, out_dir: str | os.PathLike, config: PipelineConfig | None = None
 ) -> dict[str, Any]:
@@ -432,13 +526,17 @@ def preprocess_patient(
     work = work_dir(out_dir, pid)
     records: list[StepRecord] = []
 
+    # 0. convert a raw DICOM exam, roles from the headers ----------------------------------------
+    if exam.dicom_exam:
+        exam = convert_dicom_exam(exam, work / "convert", config, records)
+
     # 1. ingest --------------------------------------------------------------------------------
     ingest_inputs = {f"raw_{s}": p for s, p in exam.sequences.items()}
     if exam.label is not None:
         ingest_inputs["raw_label"] = exam.label
 
     def _ingest(step_dir: Path):
-        images = ingest_exam(exam)
+        images = ingest_exam(exam, config.volume)
         outputs = {}
         for sequence, img in images.items():
             outputs[sequence] = save_nifti(
@@ -459,7 +557,8 @@ def preprocess_patient(
         }
         return outputs, info
 
-    rec = run_step(work / "ingest", "ingest", ingest_inputs, {"label": exam.label is not None}, _ingest)
+    ingest_params = {"label": exam.label is not None, "volume": config.volume}
+    rec = run_step(work / "ingest", "ingest", ingest_inputs, ingest_params, _ingest)
     records.append(rec)
     ingested = {k: work / "ingest" / v for k, v in rec.outputs.items()}
     seq_paths = {s: ingested[s] for s in exam.sequences}

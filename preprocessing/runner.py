@@ -14,6 +14,10 @@ Output layout (``OUT``)::
     <pid>/<pid>_tissue_{csf,gm,wm}.nii.gz    (with tissue_maps: ANTs Atropos, lesion excluded)
     <pid>/work/<step>/...     (intermediate files and step markers)
     qc/index.html  qc/<pid>_montage.png  qc/<pid>_histograms.png
+    bids_derivatives/...      (the final files as a BIDS derivatives dataset: preprocessing.bids)
+
+The input is a folder of patient folders (named sequences, or raw DICOM exams whose series get their
+roles from the headers: :mod:`preprocessing.roles`) or a BIDS raw dataset (:mod:`preprocessing.bids`).
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ from medsynth.utils.io import require_writable_folder, save_json
 from medsynth.utils.parallel import start_client
 from preprocessing.pipeline import (
     ANATOMICAL_SEQUENCES,
+    Exam,
     PipelineConfig,
     discover_exam,
     final_paths,
@@ -55,7 +60,7 @@ from preprocessing.pipeline import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CohortConfig", "CohortResult", "list_patient_folders", "run_cohort"]
+__all__ = ["CohortConfig", "CohortResult", "list_patient_folders", "list_sources", "run_cohort"]
 
 
 @dataclass
@@ -77,6 +82,9 @@ class CohortConfig:
             once) instead of those patients being refused.
         tissue_maps: also make the CSF, grey- and white-matter probability maps (ANTs Atropos inside
             the brain mask, lesion excluded; :mod:`preprocessing.tissue`), the input of Shin et al.
+        bids_aptw_entity: with a BIDS input, the entity (``key-value``) that marks the APTw files.
+        bids_session: with a BIDS input, the session of subjects that have several.
+        bids_derivatives: also write ``OUT/bids_derivatives`` (:mod:`preprocessing.bids`).
     """
 
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
@@ -91,6 +99,9 @@ class CohortConfig:
     progress: bool = True
     tissue_maps: bool = False
     drop_incomplete_sequences: bool = False
+    bids_aptw_entity: str = "acq-APT"
+    bids_session: str | None = None
+    bids_derivatives: bool = True
 
 
 @dataclass
@@ -130,8 +141,22 @@ def _guarded(task: Callable[..., Any], patient_id: str, *args) -> dict[str, Any]
         }
 
 
-def _stage_preprocess(folder: str, out_dir: str, config: PipelineConfig) -> dict[str, Any]:
-    return preprocess_patient(discover_exam(folder, config.label_globs), out_dir, config)
+def _stage_preprocess(source: str | Exam, out_dir: str, config: PipelineConfig) -> dict[str, Any]:
+    exam = source if isinstance(source, Exam) else discover_exam(source, config.label_globs)
+    return preprocess_patient(exam, out_dir, config)
+
+
+def list_sources(input_dir: Path, config: CohortConfig) -> tuple[dict[str, str | Exam], dict[str, str]]:
+    """Patient id -> its source (a patient folder, or a BIDS subject's exam), and the unreadable ones."""
+    from preprocessing.bids import bids_exams, is_bids_dataset
+
+    if is_bids_dataset(input_dir):
+        exams, problems = bids_exams(
+            input_dir, config.bids_aptw_entity, config.bids_session, config.pipeline.label_globs
+        )
+        logger.info("BIDS dataset: %d subject(s) read, %d refused", len(exams), len(problems))
+        return {e.patient_id: e for e in exams}, problems
+    return {f.name: str(f) for f in list_patient_folders(input_dir)}, {}
 
 
 def _stage_finalize(
@@ -392,10 +417,10 @@ def run_cohort(
     out_dir = Path(output_dir)
     _require_separate_folders(Path(input_dir), out_dir)
     require_writable_folder(out_dir, "--output")
-    folders = list_patient_folders(input_dir)
-    ids = [f.name for f in folders]
+    sources, unreadable = list_sources(Path(input_dir), config)
+    ids = sorted([*sources, *unreadable])
     splits = split_patients(ids, config.split_fractions, config.pipeline.seed)
-    failures: dict[str, str] = {}
+    failures: dict[str, str] = dict(unreadable)
     timings: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
@@ -403,7 +428,7 @@ def run_cohort(
         stage1 = _map(
             client,
             _stage_preprocess,
-            [(f.name, str(f), str(out_dir), config.pipeline) for f in folders],
+            [(pid, sources[pid], str(out_dir), config.pipeline) for pid in sorted(sources)],
             "preprocess",
             config.progress,
         )
@@ -487,6 +512,14 @@ def run_cohort(
                 for s in steps
             ]
     manifest_path = _write_manifest(out_dir, ids, splits, finals) if finals else None
+    if finals and config.bids_derivatives:
+        from medsynth import __version__
+        from preprocessing.bids import write_bids_derivatives
+
+        references = {p: summaries[p]["reference"] for p in finals}
+        write_bids_derivatives(
+            out_dir, {p: f["final"] for p, f in finals.items()}, splits, references, __version__
+        )
     timings_path = out_dir / "timings.csv"
     pd.DataFrame(timings, columns=["patient_id", "step", "seconds", "skipped"]).to_csv(
         timings_path, index=False

@@ -375,3 +375,68 @@ def test_a_truncated_mask_or_an_atlas_of_other_sequences_is_named(tiny_runs, mon
     _one_clean_error(output, *words)
     assert "size mismatch" not in output and "state_dict" not in output
     assert not (tmp_path / "inference_out").exists()
+
+
+# -- python -m preprocessing: every subcommand, one clean line and exit 2 ----------------------------
+def _preprocessing_cases(tmp_path: Path) -> dict[str, tuple[list[str], tuple[str, ...]]]:
+    """name -> (argv, words the one line must hold) for bad input to each subcommand."""
+    raw = tmp_path / "raw"
+    (raw / "P001").mkdir(parents=True)
+    (tmp_path / "notdicom").mkdir()
+    (tmp_path / "notdicom" / "readme.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    bad_roles = tmp_path / "roles.json"
+    bad_roles.write_text('{"rules": [{"role": "t3w", "when": {"SeriesNumber": 4}}]}')
+    out = str(tmp_path / "out")
+    return {
+        "run: missing input": (["run", "--input", str(tmp_path / "nowhere"), "--output", out], ("nowhere",)),
+        "run: bad sequence-roles file": (
+            ["run", "--input", str(raw), "--output", out, "--sequence-roles", str(bad_roles)],
+            ("roles.json", "role 't3w' is not one of"),
+        ),
+        "run: bad BIDS entity": (
+            ["run", "--input", str(raw), "--output", out, "--bids-aptw", "APT"],
+            ("--bids-aptw 'APT'", "key-value"),
+        ),
+        "dicom2nifti: empty folder": (["dicom2nifti", str(tmp_path / "empty"), out], ("empty", "no file")),
+        "dicom2nifti: no DICOM": (
+            ["dicom2nifti", str(tmp_path / "notdicom"), out],
+            ("notdicom", "no series"),
+        ),
+        "dicom2nifti: dcm2niix cannot select": (
+            [
+                "dicom2nifti",
+                str(tmp_path / "notdicom"),
+                out,
+                "--converter",
+                "dcm2niix",
+                "--series-number",
+                "3",
+            ],
+            ("--series-number selects with --converter pydicom",),
+        ),
+    }
+
+
+CASES = [
+    "run: missing input",
+    "run: bad sequence-roles file",
+    "run: bad BIDS entity",
+    "dicom2nifti: empty folder",
+    "dicom2nifti: no DICOM",
+    "dicom2nifti: dcm2niix cannot select",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_preprocessing_subcommand_says_an_input_problem_in_one_line(tmp_path, case):
+    cases = _preprocessing_cases(tmp_path)
+    assert sorted(cases) == sorted(CASES)  # every case is run
+    argv, words = cases[case]
+    code, text = _run(*argv, module="preprocessing")
+    assert code == 2, text[-1500:]
+    _one_clean_error(text, *words)
+    assert len([line for line in text.splitlines() if "ERROR" in line]) == 1, text
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    code, text = _run("--debug", *argv, module="preprocessing")
+    assert code != 0 and "Traceback" in text  # --debug keeps it

@@ -348,9 +348,15 @@ def test_load_image_errors(tmp_path):
     with pytest.raises(InputDataError, match="NaN") as err:
         load_image(tmp_path / "nan.nii.gz")
     assert "nan.nii.gz" in str(err.value)
-    nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 2), np.float32), np.eye(4)), tmp_path / "four_d.nii.gz")
-    with pytest.raises(InputDataError, match="expected a 3D image"):
+    four_d = np.stack([np.ones((4, 4, 4)), 2 * np.ones((4, 4, 4))], axis=-1).astype(np.float32)
+    nib.save(nib.Nifti1Image(four_d, np.eye(4)), tmp_path / "four_d.nii.gz")
+    with pytest.raises(
+        InputDataError, match=r"four_d.nii.gz: is a multi-volume series \(2 volumes.*--volume"
+    ):
         load_image(tmp_path / "four_d.nii.gz")
+    assert float(np.asanyarray(load_image(tmp_path / "four_d.nii.gz", volume=1).dataobj).max()) == 2.0
+    with pytest.raises(InputDataError, match="--volume 2 is not one of 0..1"):
+        load_image(tmp_path / "four_d.nii.gz", volume=2)
     nib.save(nib.Nifti1Image(np.ones((4, 4, 4, 1), np.int16), np.eye(4)), tmp_path / "singleton.nii.gz")
     assert load_image(tmp_path / "singleton.nii.gz").shape == (4, 4, 4)
 
