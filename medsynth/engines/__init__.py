@@ -12,12 +12,14 @@ from medsynth.engines.handlers import (
     ResumeCheckpointLoader,
     SampleGridHandler,
     SamplerEpochSetter,
+    StructureSamplesHandler,
     SynthesisQualityMetric,
     TrainingTimeEstimate,
     checkpoints_by_epoch,
     latest_checkpoint,
     table_summary,
 )
+from medsynth.engines.qu import LabelBank, MultimodalGenerationTrainer, StructuralMapTrainer
 from medsynth.engines.samr import SynthesisGANTrainer
 from medsynth.engines.schedules import linear_decay_schedule
 from medsynth.engines.segmentation import (
@@ -49,6 +51,10 @@ __all__ = [
     "PrepareDictBatch",
     "ResumeCheckpointLoader",
     "SampleGridHandler",
+    "StructureSamplesHandler",
+    "StructuralMapTrainer",
+    "MultimodalGenerationTrainer",
+    "LabelBank",
     "SegmentationTableWriter",
     "SynthesisEvaluator",
     "SynthesisGANTrainer",

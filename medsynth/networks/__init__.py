@@ -10,7 +10,9 @@
   papers' paired baselines);
 * :mod:`.unpaired`: UCG-SAMR (CG-SAMR trained from unpaired masks and images) and CycleGAN's
   generator pair (and SynSeg-Net's, with its segmenter), UNIT's VAE-GAN pair;
-* :mod:`.segmentation`: the lesion U-Net.
+* :mod:`.segmentation`: the lesion U-Net;
+* :mod:`.qu`: Qu et al.'s MRI-from-noise networks (structural-map VAE, MASK generator, the
+  modality-conditioned U-Net, the two-headed discriminator, the lesion segmenters).
 """
 
 from medsynth.networks.blocks import (
@@ -43,6 +45,14 @@ from medsynth.networks.pix2pix import (
     UNetSkipGenerator,
     pix2pix_patch_discriminator,
 )
+from medsynth.networks.qu import (
+    CodeDiscriminator,
+    LesionSegmenters,
+    MaskGenerator,
+    ModalityDiscriminator,
+    ModalityUNet,
+    StructureVAE,
+)
 from medsynth.networks.samr import CGSAMRGenerator, SAMRGenerator
 from medsynth.networks.segmentation import make_lesion_unet
 from medsynth.networks.unpaired import (
@@ -55,6 +65,12 @@ from medsynth.networks.unpaired import (
 
 __all__ = [
     "NORM_TYPES",
+    "CodeDiscriminator",
+    "LesionSegmenters",
+    "MaskGenerator",
+    "ModalityDiscriminator",
+    "ModalityUNet",
+    "StructureVAE",
     "CGSAMRGenerator",
     "ConditionalDiscriminator",
     "ConfidenceGuidedDecoder",

@@ -41,4 +41,11 @@ from medsynth.transforms.slices import (
     neighbour_slices,
     select_slices,
 )
+from medsynth.transforms.structure import (
+    BrainAreaMask,
+    BrainAreaMaskd,
+    StructuralFeatureMap,
+    StructuralFeatureMapd,
+    StructuralMapFilter,
+)
 from medsynth.transforms.tissue import TissueMapsForLabel, TissueMapsForLabeld, stacked_tissue_maps
