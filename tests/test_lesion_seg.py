@@ -100,6 +100,22 @@ def test_ordered_modes_put_one_source_before_the_other_with_steps_in_proportion(
     assert sorted(stream) == sorted(random.run_order().tolist())  # the same draws, reordered
 
 
+def test_a_share_of_the_real_instances_with_the_extra_amount_counted_on_the_whole_real_set():
+    """Qu et al.'s Table 2 arms with less real data: 0.1R real + 1R extra, and extra alone."""
+    real = Items(20, 0.5)
+    mixture = training_mixture(real, classic=True, multiple=1.0, real_fraction=0.1, seed=3)
+    assert mixture["dataset"].real_size == 2 and mixture["extra_count"] == 20
+    again = training_mixture(real, classic=True, multiple=1.0, real_fraction=0.1, seed=3)
+    assert list(again["dataset"].real.indices) == list(mixture["dataset"].real.indices)
+    alone = training_mixture(real, classic=True, multiple=0.5, real_fraction=0.0)
+    sources = [alone["dataset"][i]["source"] for i in alone["sampler"]]
+    assert len(sources) == 10 and set(sources) == {"classic_augmentation"}
+    with pytest.raises(ValueError, match="no training instance"):
+        training_mixture(real, real_fraction=0.0)
+    with pytest.raises(ValueError, match="real_fraction must be in 0..1"):
+        training_mixture(real, real_fraction=1.5)
+
+
 def test_classic_augmentation_copies_are_deterministic_per_index_and_keep_label_values():
     copies = AugmentedCopies(Items(3, 0.5), count=7, seed=2)
     assert len(copies) == 7

@@ -320,3 +320,50 @@ def test_the_bundle_trains_both_stages_and_synthesises_a_cohort_from_noise(tmp_p
     # The cohort itself (labels inside the brain, provenance, resuming) is checked on the builder above.
     listed = read_manifest(out / "synthetic" / "manifest.csv") if summary["accepted"] else []
     assert len(listed) == summary["accepted"]
+    # The study runner makes the same kind of cohort through the bundle's synthesize workflow.
+    from medsynth.studies.runner import StudySpec, make_synthetic_cohort
+
+    opened = {"max_candidates": 5, "structure_filter_mae": 1.01, "dice_threshold": 0.0}
+    settings = {"bundle": "bundles/sfm_gan", "workflow": "synthesize", "output_dir": str(out), "cases": 1,
+                "overrides": {**TINY_SFM, **opened}}  # fmt: skip
+    spec = StudySpec(name="qu", arms=[{"name": "real"}], seeds=[0], cache_dir=tiny_phantom_cache,
+                     out_dir=str(tmp_path / "study"), synthesis={"sfm_gan": settings})  # fmt: skip
+    cohort_dir = Path(make_synthetic_cohort(spec, "sfm_gan", seed=3))
+    made = json.loads((cohort_dir / "noise_summary.json").read_text())
+    assert made["seed"] == 3 and made["candidates"] >= 1
+
+
+def test_chosen_labels_and_only_closed_outlines_reach_the_cohort(tiny_models, tmp_path, monkeypatch):
+    """Maps whose outline is closed pass Algorithm 3 and reach the cohort with their contour closed;
+    open ones are refused; the lesions come from the chosen label file."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    from medsynth.data.manifest import read_manifest
+    from medsynth.utils.io import save_nifti
+
+    root, manifest = tiny_models
+    chosen = np.ones((32, 32), np.uint8)
+    chosen[12:18, 12:18] = 3  # a cavity, which the tiny cohort's labels never have
+    label_file = save_nifti(chosen, np.eye(4), tmp_path / "my_label.nii.gz")
+    builder = _builder(root, manifest, tmp_path / "out", num_cases=2, max_candidates=8, dice_threshold=0.0,
+                       label_paths=[str(label_file)])  # fmt: skip
+    ring = torch.zeros(1, 1, SIZE, SIZE)
+    ring[..., 2:14, 2:14] = 1
+    ring[..., 4:12, 4:12] = 0  # a closed outline two pixels thick
+    opened = ring.clone()
+    opened[..., 2:4, 6:10] = 0  # cut through the top
+    calls = iter([ring if i % 2 == 0 else opened for i in range(8)])
+    monkeypatch.setattr(builder.vae, "sample", lambda *args, **kwargs: next(calls))
+    disc = torch.zeros(1, 1, SIZE, SIZE)
+    disc[..., 1:15, 1:15] = 1  # the ring's filled area (the blur before the fill adds a pixel around)
+    monkeypatch.setattr(builder.mask_generator, "forward", lambda maps: disc * 10 - 5)
+    summary = builder.run()
+    assert summary["accepted"] == 2 and summary["rejected"]["structure_filter"] == 1  # candidates 0, 1, 2
+    for _, row in read_manifest(tmp_path / "out" / "manifest.csv").iterrows():
+        structure = np.asarray(nib.load(Path(row["label"]).parent / "structure.nii.gz").dataobj)[..., 0] > 0
+        assert ndimage.binary_fill_holes(structure).sum() > structure.sum()  # the contour encloses the inside
+        label = np.asarray(nib.load(row["label"]).dataobj)[..., 0]
+        assert set(np.unique(label)) <= {0, 1, 3} and (label == 3).any()  # the chosen cavity
+        assert row["source_patient"] == "my_label"

@@ -182,3 +182,18 @@ def test_a_tiny_study_runs_end_to_end_and_a_killed_one_resumes(tmp_path, monkeyp
     assert (
         json.loads((scored.parent / "study_config.json").read_text())["config"]["scored_cohort"] == other_dir
     )
+
+
+def test_the_qu_table2_study_has_the_papers_arms():
+    from medsynth.studies.runner import StudySpec
+
+    spec = StudySpec.read(Path(__file__).resolve().parents[1] / "studies" / "qu_table2.json")
+    assert len(spec.arms) == 25 and spec.synthesis["sfm_gan"]["workflow"] == "synthesize"
+    arms = {arm["name"]: arm for arm in spec.arms}
+    assert {a.get("mode") for a in spec.arms if a.get("method")} == {
+        "random",
+        "real_first",
+        "synthetic_first",
+    }
+    assert sorted(a["multiple"] for a in spec.arms if a.get("classic")) == [0.2, 0.5, 0.8, 1.0, 2.0, 3.0]
+    assert arms["synthetic_only_x1"]["real_fraction"] == 0.0 and arms["real_x0.5"]["real_fraction"] == 0.5

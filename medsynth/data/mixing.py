@@ -45,6 +45,7 @@ __all__ = [
     "AugmentedCopies",
     "MixedDataset",
     "MixingSampler",
+    "RealShare",
     "classic_augmentation",
     "confidence_weight",
     "synthetic_count",
@@ -87,6 +88,31 @@ def classic_augmentation(seed: int = 0, keys: Sequence[str] = ("image", "label")
     )
     transform.set_random_state(seed)
     return transform
+
+
+class RealShare(Dataset):
+    """A seeded share of the real instances, Qu et al.'s arms with less real data (0.1R ... 0.8R, or
+    none): ``round(fraction * len(dataset))`` items drawn once without replacement, in index order.
+
+    Args:
+        dataset: the real instances.
+        fraction: the share kept, 0..1.
+        seed: seed of the draw.
+    """
+
+    def __init__(self, dataset: Dataset, fraction: float, seed: int = 0) -> None:
+        if not 0.0 <= float(fraction) <= 1.0:
+            raise ValueError(f"real_fraction must be in 0..1, got {fraction}")
+        count = int(round(float(fraction) * len(dataset)))
+        self.indices = np.sort(np.random.default_rng([int(seed), 1]).permutation(len(dataset))[:count])
+        self.dataset, self.fraction = dataset, float(fraction)
+        self.sequences = getattr(dataset, "sequences", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset[int(self.indices[index])]
 
 
 class AugmentedCopies(Dataset):
@@ -283,6 +309,7 @@ def training_mixture(
     confidence_weighted: bool = False,
     num_replicas: int = 1,
     rank: int = 0,
+    real_fraction: float = 1.0,
 ) -> dict[str, Any]:
     """The lesion-segmentation bundle's training data: ``{"dataset", "sampler", "extra_count"}``.
 
@@ -293,7 +320,8 @@ def training_mixture(
     sequences, and its preprocessing fingerprint (where known) must be the real cohort's
     (``real_dataset_dir``). ``confidence_weighted`` weights the synthetic voxels by the cohort's
     confidence maps (the items get ``"weight"``); ``num_replicas`` and ``rank`` shard the sampler
-    under DDP.
+    under DDP. ``real_fraction`` < 1 keeps a seeded share of the real instances (:class:`RealShare`);
+    the extra amount stays a multiple of the *whole* real set, as Qu et al.'s Table 2 counts it.
     """
     from medsynth.utils.bundles import as_flag
 
@@ -334,6 +362,12 @@ def training_mixture(
             )
     elif classic and extra_count:
         extra, name = AugmentedCopies(real, extra_count, seed), "classic_augmentation"
+    if not 0.0 <= float(real_fraction) <= 1.0:
+        raise ValueError(f"real_fraction must be in 0..1, got {real_fraction}")
+    if float(real_fraction) < 1.0:
+        real = RealShare(real, real_fraction, seed)
+    if len(real) == 0 and extra_count == 0:
+        raise ValueError("no training instance: real_fraction 0 needs synthetic or augmented instances")
     dataset = MixedDataset(real, extra, name, confidence_weighted=confidence_weighted)
     sampler = MixingSampler(dataset, extra_count, mode, num_epochs, seed, num_replicas, rank)
     return {"dataset": dataset, "sampler": sampler, "extra_count": extra_count}

@@ -16,6 +16,9 @@ A study file (JSON) lists the arms, the seeds, the segmentation settings and the
       ]
     }
 
+A synthesis method with ``"workflow": "synthesize"`` makes its cohort from noise through
+``bundles/sfm_gan`` (Qu et al.) instead of ``medsynth augment``.
+
 The runner expands arms x seeds into cells; makes each synthetic cohort once per method and seed
 (``medsynth augment`` through the synthesis bundle, its draws seeded by the seed, from the training
 split of ``split_seed``, the split the synthesis model was trained on); trains and evaluates the
@@ -136,32 +139,50 @@ def _bundle_files(bundle: str, workflow: str) -> list[str]:
     return bundle_config_files(REPO / bundle, workflow)
 
 
+# How a synthesis workflow is driven: the id that builds the cohort, the ids of its folder and
+# seed, and the summary it writes. "augment": a mask-to-image bundle's `medsynth augment` (new masks
+# from training patients); "synthesize": bundles/sfm_gan's cases from noise (Qu et al.).
+SYNTHESIS_WORKFLOWS: dict[str, tuple[str, str, str, str]] = {
+    "augment": ("augmenter", "augment_dir", "augment_seed", "augment_summary.json"),
+    "synthesize": ("builder", "synthetic_dir", "synthesis_seed", "noise_summary.json"),
+}
+
+
 def make_synthetic_cohort(spec: StudySpec, method: str, seed: int) -> str:
-    """The synthetic cohort of ``method`` at ``seed`` (made once; ``medsynth augment`` resumes itself)."""
+    """The synthetic cohort of ``method`` at ``seed`` (made once; both cohort builders resume themselves).
+
+    The method's ``workflow`` (:data:`SYNTHESIS_WORKFLOWS`, default ``"augment"``) says which.
+    """
     from monai.bundle import ConfigParser
 
     settings = spec.synthesis[method]
+    workflow = settings.get("workflow", "augment")
+    if workflow not in SYNTHESIS_WORKFLOWS:
+        raise ValueError(
+            f"synthesis {method}: unknown workflow {workflow!r}; known: {sorted(SYNTHESIS_WORKFLOWS)}"
+        )
+    builder_id, folder_id, seed_id, summary_name = SYNTHESIS_WORKFLOWS[workflow]
     out = Path(spec.out_dir) / "synthetic" / f"{method}_seed{seed}"
-    if (out / "augment_summary.json").is_file():
-        summary = json.loads((out / "augment_summary.json").read_text())
+    if (out / summary_name).is_file():
+        summary = json.loads((out / summary_name).read_text())
         if summary.get("accepted", 0) >= int(settings.get("cases", 50)):
             return str(out)
     bundle = settings.get("bundle", "bundles/cg_samr")
     parser = ConfigParser()
-    parser.read_config(_bundle_files(bundle, "augment"))
+    parser.read_config(_bundle_files(bundle, workflow))
     parser.read_meta(str(REPO / bundle / "configs" / "metadata.json"))
     parser.update(
         {
             "output_dir": settings["output_dir"],
             "dataset_dir": spec.dataset_dir,
             "cache_dir": spec.cache_dir,
-            "augment_dir": str(out),
-            "augment_seed": seed,
+            folder_id: str(out),
+            seed_id: seed,
             "num_cases": int(settings.get("cases", 50)),
             **settings.get("overrides", {}),
         }
     )
-    parser.get_parsed_content("augmenter").run()
+    parser.get_parsed_content(builder_id).run()
     return str(out)
 
 
@@ -191,6 +212,8 @@ def cell_overrides(spec: StudySpec, cell: Cell, synthetic_dir: str = "") -> dict
     if "multiple" in cell.arm:
         overrides["synthetic_multiple"] = float(cell.arm["multiple"])
     overrides["mixing_mode"] = cell.arm.get("mode", "random")
+    if "real_fraction" in cell.arm:
+        overrides["real_fraction"] = float(cell.arm["real_fraction"])
     return overrides
 
 

@@ -47,6 +47,7 @@ from medsynth.constants import LESION_LABELS, MANIFEST_BRAIN_MASK_COLUMN, MANIFE
 from medsynth.engines.adversarial import unwrap
 from medsynth.engines.qu import fused_label
 from medsynth.inference.transforms import SOURCE_COLUMN, add_manifest_row
+from medsynth.losses.qu import soft_label_loss
 from medsynth.transforms.intensity import unit_to_intensity
 from medsynth.transforms.structure import StructuralMapFilter, fuse_structure_and_label, label_inside_brain
 from medsynth.utils.hashing import file_digest
@@ -124,6 +125,14 @@ class NoiseCohortBuilder:
         device: where the networks run.
         bundle: the bundle's name (provenance).
         progress: show a progress bar.
+        judge: lesion segmenters that score the generated images for the Dice filter instead of the
+            generator's own (Table 1 scores every guidance scheme with segmenters trained on real data).
+        judge_path: the ``generation.pt`` whose ``segmenters`` the judge loads.
+        dataset_dir: the training cohort's source (its preprocessing fingerprint is the cohort's, so
+            that the segmentation bundle's mixing can check the two were standardised alike).
+        label_paths: chosen lesion labels (2D label maps, or 3D whose lesion slices are all taken, in
+            the project's labels) to draw from instead of the training split's; they are moved and
+            accepted like those. The intensity windows still come from the training split.
     """
 
     def __init__(
@@ -148,6 +157,10 @@ class NoiseCohortBuilder:
         device: str | torch.device = "cpu",
         bundle: str = "sfm_gan",
         progress: bool = True,
+        judge: torch.nn.Module | None = None,
+        judge_path: str | None = None,
+        dataset_dir: str = "",
+        label_paths: Sequence[str] | None = None,
     ) -> None:
         from medsynth.data.manifest import check_patient_level_split
 
@@ -167,7 +180,17 @@ class NoiseCohortBuilder:
         self.dice_threshold, self.label_tries = float(dice_threshold), int(label_tries)
         self.seed, self.device = int(seed), torch.device(device)
         self.bundle, self.progress = bundle, progress
+        self.judge = self.segmenters
+        if judge is not None:
+            if not judge_path:
+                raise ValueError("a judge needs judge_path, the generation.pt of its segmenters")
+            self.judge = unwrap(judge)
+            self.judge.load_state_dict(
+                torch.load(judge_path, map_location="cpu", weights_only=True)["segmenters"]
+            )
         self._sources: list[dict[str, Any]] | None = None
+        self.dataset_dir = dataset_dir
+        self.label_paths = [str(p) for p in label_paths or []]
 
     def _load(self, path: Path, names: Sequence[str]) -> None:
         if not path.is_file():
@@ -197,7 +220,36 @@ class NoiseCohortBuilder:
             ]
             if not self._sources:
                 raise ValueError("the training split has no lesion slice to draw labels from")
+            if self.label_paths:
+                window = self._sources[0]["window"]
+                self._sources = [{**s, "window": window} for s in self._chosen_labels()]
         return self._sources
+
+    def _chosen_labels(self) -> list[dict[str, Any]]:
+        """The lesion slices of the chosen label files, resized to the slices (nearest neighbour)."""
+        import nibabel as nib
+
+        from medsynth.errors import InputDataError
+
+        chosen = []
+        for path in self.label_paths:
+            try:
+                data = np.asanyarray(nib.load(path).dataobj)
+            except Exception as error:  # nibabel raises several types for unreadable files
+                raise InputDataError(f"cannot read the label: {error}", path=path) from None
+            volume, found = data.reshape(*data.shape[:2], -1), len(chosen)
+            for z in range(volume.shape[2]):
+                plane = np.rint(volume[:, :, z]).astype(np.int64)
+                if not np.isin(plane, LESION_LABELS).any():
+                    continue
+                factors = (self.image_size / plane.shape[0], self.image_size / plane.shape[1])
+                resized = ndimage.zoom(plane, factors, order=0)[: self.image_size, : self.image_size]
+                chosen.append(
+                    {"patient_id": Path(path).name.split(".")[0], "slice_index": z, "label": resized}
+                )
+            if len(chosen) == found:
+                raise InputDataError("holds no lesion label (2, 3 or 4)", path=path)
+        return chosen
 
     # -- one candidate ------------------------------------------------------------------------------
     def candidate(self, index: int) -> dict[str, Any]:
@@ -205,7 +257,7 @@ class NoiseCohortBuilder:
         rng = np.random.default_rng([self.seed, index])
         torch_rng = torch.Generator(device=self.device).manual_seed(int(rng.integers(2**62)))
         size = self.image_size
-        with torch.no_grad(), eval_mode(self.vae, self.mask_generator, self.generator, self.segmenters):
+        with torch.no_grad(), eval_mode(self.vae, self.mask_generator, self.generator, self.judge):
             probability = self.vae.sample(1, size, size, generator=torch_rng)
             structure = (probability > 0.5).float()
             brain = (self.mask_generator(probability) > 0.5).float()
@@ -228,16 +280,16 @@ class NoiseCohortBuilder:
             fused = fuse_structure_and_label(structure, onehot, self.label_weight)
             images = self.generator.generate(fused)
             target = onehot.argmax(dim=1)
-            dice = {
-                s: _lesion_dice(self.segmenters.segment(images[:, i : i + 1], i).argmax(dim=1), target)
-                for i, s in enumerate(self.sequences)
-            }
+            logits = [self.judge.segment(images[:, i : i + 1], i) for i in range(len(self.sequences))]
+            dice = {s: _lesion_dice(logits[i].argmax(dim=1), target) for i, s in enumerate(self.sequences)}
+            label_mse = float(np.mean([float(soft_label_loss(x, onehot)) for x in logits]))
         outcome.update(
             {
                 "label_source": {"patient_id": source["patient_id"], "slice_index": source["slice_index"]},
                 "label_attempts": attempts,
                 "label_transform": params,
                 "dice": dice,
+                "label_mse": label_mse,
             }
         )
         if min(dice.values()) < self.dice_threshold:
@@ -264,7 +316,7 @@ class NoiseCohortBuilder:
         provenance = {
             "case": case,
             "source_patient": source,
-            "source_split": "train",
+            "source_split": "chosen label" if self.label_paths else "train",
             "seed": self.seed,
             "candidate": outcome["candidate"],
             "generated_from": "noise: a structural map decoded from N(0, 1), fused with a moved real label",
@@ -303,6 +355,7 @@ class NoiseCohortBuilder:
         require_writable_folder(self.output_dir, "output_dir")
         state = self.output_dir / STATE_DIRNAME
         state.mkdir(parents=True, exist_ok=True)
+        self._check_run_record(state / "run.json")
         outcomes: list[dict[str, Any]] = []
         accepted = 0
         bar = tqdm(total=self.num_cases, desc="noise cohort", unit="case", disable=not self.progress)
@@ -331,6 +384,36 @@ class NoiseCohortBuilder:
         )  # fmt: skip
         return summary
 
+    def _check_run_record(self, path: Path) -> None:
+        """A resumed cohort must come from the same models and settings (else: a new folder)."""
+        from medsynth.data.cohort import PREPROCESSING_FINGERPRINT_NAME, preprocessing_fingerprint
+
+        record = {
+            "checkpoints": {p.name: file_digest(p) for p in (self.structure_path, self.generation_path)},
+            "judge": self.judge is not self.segmenters,
+            "label_paths": self.label_paths,
+            "settings": {
+                "seed": self.seed,
+                "image_size": self.image_size,
+                "label_weight": self.label_weight,
+                "structure_filter_mae": self.filter.mae_threshold,
+                "dice_threshold": self.dice_threshold,
+            },  # fmt: skip
+            "preprocessing_fingerprint": preprocessing_fingerprint(self.dataset_dir),
+        }
+        if path.is_file():
+            previous = json.loads(path.read_text())
+            changed = [key for key in record if previous.get(key) != json.loads(json.dumps(record[key]))]
+            if changed:
+                raise ValueError(
+                    f"{self.output_dir} holds a cohort made with other {', '.join(changed)}; "
+                    "use a new output_dir"
+                )
+            return
+        save_json(record, path)
+        if record["preprocessing_fingerprint"]:
+            save_json(record["preprocessing_fingerprint"], self.output_dir / PREPROCESSING_FINGERPRINT_NAME)
+
     def summarize(self, outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         reasons = Counter(o["reason"] for o in outcomes if not o.get("accepted"))
         reached_dice = [o for o in outcomes if "dice" in o]
@@ -348,6 +431,9 @@ class NoiseCohortBuilder:
                 sum(1 for o in reached_dice if o.get("accepted")) / len(reached_dice)
                 if reached_dice
                 else None
+            ),
+            "mean_label_mse_reaching_the_filter": (
+                float(np.mean([o["label_mse"] for o in reached_dice])) if reached_dice else None
             ),
             "mean_dice_reaching_the_filter": (
                 {s: float(np.mean([o["dice"][s] for o in reached_dice])) for s in self.sequences}

@@ -40,6 +40,7 @@ WORKFLOWS: dict[str, tuple[str, ...]] = {
     "evaluate": ("train.json", "evaluate.json"),
     "inference": ("inference.json",),
     "augment": ("inference.json", "augment.json"),
+    "synthesize": ("train.json", "synthesize.json"),
     "multi_gpu_train": ("train.json", "multi_gpu_train.json"),
     "paper": ("train.json", "paper.json"),
 }
