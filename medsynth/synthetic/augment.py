@@ -74,7 +74,13 @@ from medsynth.utils.parallel import start_client
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SUMMARY_NAME", "SyntheticCohortBuilder", "confidence_column", "training_sources"]
+__all__ = [
+    "SUMMARY_NAME",
+    "SyntheticCohortBuilder",
+    "confidence_column",
+    "record_or_check_run",
+    "training_sources",
+]
 
 STATE_DIRNAME = ".state"
 WORK_DIRNAME = ".work"
@@ -526,19 +532,7 @@ class SyntheticCohortBuilder:
             key: self._run_record()[key] for key in ("checkpoint", "preprocessing_fingerprint", "settings")
         }
         record["seed"] = self.seed
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            changed = [key for key in record if previous.get(key) != json.loads(json.dumps(record[key]))]
-            if changed:
-                raise ValueError(
-                    f"{self.output_dir} holds a synthetic cohort made with another {', '.join(changed)}; "
-                    "use a new output folder"
-                )
-        else:
-            save_json(record, path)
-            fingerprint = record["preprocessing_fingerprint"]
-            if fingerprint:
-                save_json(fingerprint, self.output_dir / PREPROCESSING_FINGERPRINT_NAME)
+        record_or_check_run(path, record, self.output_dir)
 
     def run(self) -> dict[str, Any]:
         """Make the cohort; returns the summary (also written to ``augment_summary.json``)."""
@@ -643,6 +637,29 @@ class SyntheticCohortBuilder:
         from medsynth.visualize import contact_sheet
 
         return contact_sheet(self.output_dir, cases, self.sequences, self.output_dir / CONTACT_SHEET_NAME)
+
+
+def record_or_check_run(path: Path, record: Mapping[str, Any], output_dir: Path) -> None:
+    """A synthetic cohort's first run writes ``record`` (models, settings, the training cohort's
+    ``preprocessing_fingerprint``, also written beside the manifest for the mixing check); a later run
+    into the same ``output_dir`` must match it.
+
+    Raises:
+        ValueError: the folder holds a cohort made with other models or settings (named).
+    """
+    if path.is_file():
+        previous = json.loads(path.read_text())
+        changed = [key for key in record if previous.get(key) != json.loads(json.dumps(record[key]))]
+        if changed:
+            raise ValueError(
+                f"{output_dir} holds a synthetic cohort made with another {', '.join(changed)}; "
+                "use a new output folder"
+            )
+        return
+    save_json(dict(record), path)
+    fingerprint = record.get("preprocessing_fingerprint")
+    if fingerprint:
+        save_json(fingerprint, output_dir / PREPROCESSING_FINGERPRINT_NAME)
 
 
 def _candidate_task(builder: SyntheticCohortBuilder, index: int) -> bool:

@@ -386,7 +386,8 @@ class NoiseCohortBuilder:
 
     def _check_run_record(self, path: Path) -> None:
         """A resumed cohort must come from the same models and settings (else: a new folder)."""
-        from medsynth.data.cohort import PREPROCESSING_FINGERPRINT_NAME, preprocessing_fingerprint
+        from medsynth.data.cohort import preprocessing_fingerprint
+        from medsynth.synthetic.augment import record_or_check_run
 
         record = {
             "checkpoints": {p.name: file_digest(p) for p in (self.structure_path, self.generation_path)},
@@ -401,18 +402,7 @@ class NoiseCohortBuilder:
             },  # fmt: skip
             "preprocessing_fingerprint": preprocessing_fingerprint(self.dataset_dir),
         }
-        if path.is_file():
-            previous = json.loads(path.read_text())
-            changed = [key for key in record if previous.get(key) != json.loads(json.dumps(record[key]))]
-            if changed:
-                raise ValueError(
-                    f"{self.output_dir} holds a cohort made with other {', '.join(changed)}; "
-                    "use a new output_dir"
-                )
-            return
-        save_json(record, path)
-        if record["preprocessing_fingerprint"]:
-            save_json(record["preprocessing_fingerprint"], self.output_dir / PREPROCESSING_FINGERPRINT_NAME)
+        record_or_check_run(path, record, self.output_dir)
 
     def summarize(self, outcomes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         reasons = Counter(o["reason"] for o in outcomes if not o.get("accepted"))
