@@ -303,6 +303,7 @@ def test_the_bundle_trains_both_stages_and_synthesises_a_cohort_from_noise(tmp_p
     assert (out / "samples_structure" / "epoch_0001_structures.png").is_file()
     run(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"), **common)
     assert (out / "models" / "generation.pt").is_file()
+    assert sorted(p.name for p in (out / "samples_generation").glob("*.png"))[0] == "epoch_0001_generation_0.png"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["generation", "structure"]
     # Filters opened so that the untrained tiny models yield cases: the path is what is checked here.
     run(

@@ -6,6 +6,7 @@ from medsynth.engines.evaluator import SynthesisEvaluator
 from medsynth.engines.handlers import (
     BestModelSaver,
     CheckpointPruner,
+    GenerationSamplesHandler,
     MetricsTableWriter,
     ModelAtlasSaver,
     PeriodicValidationHandler,
@@ -52,6 +53,7 @@ __all__ = [
     "ResumeCheckpointLoader",
     "SampleGridHandler",
     "StructureSamplesHandler",
+    "GenerationSamplesHandler",
     "StructuralMapTrainer",
     "MultimodalGenerationTrainer",
     "LabelBank",

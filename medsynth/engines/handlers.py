@@ -744,3 +744,84 @@ class StructureSamplesHandler:
         logger.info(
             "epoch %d: %.0f%% of %d sampled structural maps pass the filter", epoch, 100 * rate, len(maps)
         )
+
+
+class GenerationSamplesHandler:
+    """Every ``interval`` epochs (and after the last): what stage 2 of Qu et al. makes of a few fixed
+    training slices, ``epoch_<n>_generation_<k>.png``.
+
+    Row 1: the slice's structural map (own lesion cleared), the fused label (drawn from the other
+    samples, accepted inside the map's brain area, else its own), and each generated sequence; row
+    2: the real slice's sequences, for comparison (they need not match: the label may be another's).
+
+    It is attached to a :class:`medsynth.engines.MultimodalGenerationTrainer`, whose fusion it reuses.
+
+    Args:
+        dataset: training items (``image``, ``mask``, ``label``).
+        output_dir: PNG folder.
+        sequences: sequence keys in channel order.
+        interval: epochs between grids.
+        num_samples: slices shown (the largest lesions first, as :class:`SampleGridHandler` picks).
+        device: where the generator runs.
+        seed: of the label draws for the figure (the trainer's own bank is not touched).
+    """
+
+    def __init__(
+        self,
+        dataset: Sequence[Mapping[str, Any]],
+        output_dir: str,
+        sequences: Sequence[str],
+        interval: int = 1,
+        num_samples: int = 2,
+        device: str | torch.device = "cpu",
+        seed: int = 0,
+    ) -> None:
+        if interval < 1:
+            raise ValueError(f"sample interval must be at least 1, got {interval}")
+        self.dataset, self.trainer = dataset, None
+        self.output_dir, self.sequences = Path(output_dir), list(sequences)
+        self.interval, self.device, self.seed = int(interval), torch.device(device), int(seed)
+        # The same slices every epoch, chosen as the synthesis grids choose theirs.
+        self.picker = SampleGridHandler(
+            None, dataset, output_dir, sequences, num_samples=num_samples, seed=seed
+        )
+
+    def attach(self, engine: Engine) -> None:
+        self.trainer = engine
+        engine.add_event_handler(Events.EPOCH_COMPLETED(event_filter=_every_or_last(self.interval)), self)
+
+    def __call__(self, engine: Engine) -> None:
+        from medsynth.engines.qu import LabelBank
+        from medsynth.visualize.figures import save_grid
+
+        indices = self.picker.sample_indices()
+        if not indices:
+            return
+        batch = TRAINING_BATCH(default_collate([self.dataset[i] for i in indices]), self.device)
+        trainer_bank, self.trainer.label_bank = self.trainer.label_bank, LabelBank(seed=self.seed)
+        try:
+            self.trainer.label_bank.add(batch["label"].roll(1, dims=0))
+            fused, onehot, structure = self.trainer.fuse(batch)
+        finally:
+            self.trainer.label_bank = trainer_bank
+        generator = unwrap(self.trainer.networks["generator"])
+        with eval_mode(generator), torch.no_grad():
+            generated = _to_numpy(generator.generate(fused))
+        real = _to_numpy(batch["image"])
+        labels, structure = _to_numpy(onehot.argmax(dim=1)).astype(np.int64), _to_numpy(structure)[:, 0]
+        for n in range(len(indices)):
+            panels = [[structure[n], np.zeros_like(structure[n]), *generated[n]], [None, None, *real[n]]]
+            overlays = [
+                [None, labels[n], *([None] * len(self.sequences))],
+                [None] * (2 + len(self.sequences)),
+            ]
+            save_grid(
+                panels,
+                self.output_dir / f"epoch_{engine.state.epoch:04d}_generation_{n}.png",
+                row_titles=["generated", "real slice"],
+                col_titles=["structure", "fused label", *[SEQUENCE_TITLES.get(s, s) for s in self.sequences]],
+                vranges=[(0.0, 1.0), (0.0, 1.0), *([(-1.0, 1.0)] * len(self.sequences))],
+                overlays=overlays,
+                overlay_alpha=1.0,
+                title=f"epoch {engine.state.epoch}: sequences generated from a structural map and a label",
+            )
