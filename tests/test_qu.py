@@ -115,6 +115,7 @@ def test_generation_stage_every_loss_term_falls_and_labels_stay_inside_the_brain
     torch.manual_seed(0)
     generator, discriminator = ModalityUNet(MODALITIES, 5, FEATURES), ModalityDiscriminator(MODALITIES, 4, 2)
     segmenters = LesionSegmenters(MODALITIES, 5, "per_modality", FEATURES)
+    code_discriminator = CodeDiscriminator(FEATURES[-1], 8)
     epochs = 30
     bank = LabelBank(seed=0)
     trainer = MultimodalGenerationTrainer(
@@ -122,21 +123,30 @@ def test_generation_stage_every_loss_term_falls_and_labels_stay_inside_the_brain
         max_epochs=epochs,
         train_data_loader=[_batch(0), _batch(1)],
         epoch_length=1,
-        networks={"generator": generator, "discriminator": discriminator, "segmenters": segmenters},
-        optimizers={"discriminator": _adam(discriminator), "generator": _adam(generator, segmenters)},
+        networks={
+            "generator": generator,
+            "discriminator": discriminator,
+            "segmenters": segmenters,
+            "code_discriminator": code_discriminator,
+        },  # fmt: skip
+        optimizers={
+            "discriminator": _adam(discriminator, code_discriminator),
+            "generator": _adam(generator, segmenters),
+        },  # fmt: skip
         enlarge_pixels=2,
         label_bank=bank,
     )
     records = _records(trainer, epochs)
     weights = set(MultimodalGenerationTrainer.WEIGHTS)
     assert {f"loss_{w}" for w in weights} | {"loss_discriminator", "drawn_label_share"} == set(records[0])
-    for name in weights - {"adversarial", "category"}:
+    for name in weights - {"adversarial", "category", "code_adversarial"}:
         assert _falls(records, f"loss_{name}"), (
             name,
             records[0][f"loss_{name}"],
             records[-1][f"loss_{name}"],
         )
     assert _falls(records, "loss_discriminator")
+    assert all(r["loss_code_adversarial"] > 0 for r in records)  # the fused code is judged against real codes
     assert records[-1]["drawn_label_share"] > 0.5  # labels of other slices were fused
     # The fused label: lesion from the drawn label, normal brain in the map's brain area, nothing outside.
     brain = torch.zeros(1, 1, SIZE, SIZE)
@@ -303,7 +313,9 @@ def test_the_bundle_trains_both_stages_and_synthesises_a_cohort_from_noise(tmp_p
     assert (out / "samples_structure" / "epoch_0001_structures.png").is_file()
     run(config_file=str(configs / "train.json"), meta_file=str(configs / "metadata.json"), **common)
     assert (out / "models" / "generation.pt").is_file()
-    assert sorted(p.name for p in (out / "samples_generation").glob("*.png"))[0] == "epoch_0001_generation_0.png"
+    assert (
+        sorted(p.name for p in (out / "samples_generation").glob("*.png"))[0] == "epoch_0001_generation_0.png"
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["generation", "structure"]
     # Filters opened so that the untrained tiny models yield cases: the path is what is checked here.
     run(

@@ -32,9 +32,12 @@ updated together (the papers: the discriminator alone, every other component wit
   generated modalities) and semantic consistency (the fused code vs each generated image's code,
   and those codes among themselves).
 
-The papers give no loss weights; every weight is 1 unless ``loss_weights`` says otherwise. The
-code discriminator of the generation stage (paper 004 only, with its real side not given) is left
-out.
+With a ``code_discriminator`` network (paper 004's ``FD`` of Sec. 2.6, "consistency between the two
+processes"), the fused map's code must look like the codes of real images: the discriminator takes
+the real images' codes as real and the fused code as fake (paper 004 gives only the fake side; the
+real side is this reading), and the generator gets ``||FD(code_g) - 1||^2`` (``code_adversarial``).
+
+The papers give no loss weights; every weight is 1 unless ``loss_weights`` says otherwise.
 """
 
 from __future__ import annotations
@@ -215,7 +218,9 @@ class MultimodalGenerationTrainer(AdversarialTrainer):
     Args:
         networks: ``generator`` (:class:`~medsynth.networks.qu.ModalityUNet`), ``discriminator``
             (:class:`~medsynth.networks.qu.ModalityDiscriminator`), ``segmenters``
-            (:class:`~medsynth.networks.qu.LesionSegmenters`).
+            (:class:`~medsynth.networks.qu.LesionSegmenters`) and optionally ``code_discriminator``
+            (:class:`~medsynth.networks.qu.CodeDiscriminator` on the generator's bottleneck codes; its
+            parameters belong to the ``discriminator`` optimizer).
         optimizers: ``discriminator``; ``generator`` (the generator and the segmenters).
         beta: Algorithm 1's threshold.
         enlarge_pixels: Algorithm 2's ``p``.
@@ -230,7 +235,7 @@ class MultimodalGenerationTrainer(AdversarialTrainer):
     phases: ClassVar[tuple[str, ...]] = ("discriminator", "generator")
     WEIGHTS: ClassVar[tuple[str, ...]] = (
         "adversarial", "category", "reconstruction", "cycle", "cycle_consistency", "code_consistency",
-        "lesion", "structure", "registration",
+        "lesion", "structure", "registration", "code_adversarial",
     )  # fmt: skip
 
     def __init__(
@@ -294,6 +299,11 @@ class MultimodalGenerationTrainer(AdversarialTrainer):
             for i, j in pairs:
                 d, c = disc(trans[(i, j)].detach())
                 loss_d = loss_d + least_squares(d, 0.0) + modality_class_loss(c, j)
+            code_disc = self.networks.get("code_discriminator")
+            if code_disc is not None:
+                real_codes = torch.cat([levels[i][-1].detach() for i in modalities])
+                loss_d = loss_d + least_squares(code_disc(real_codes), 1.0)
+                loss_d = loss_d + least_squares(code_disc(fused_levels[-1].detach()), 0.0)
         self.optimize("discriminator", loss_d)
         # 2. generator and segmenters
         terms = dict.fromkeys(self.WEIGHTS, images.new_zeros(()))
@@ -302,6 +312,8 @@ class MultimodalGenerationTrainer(AdversarialTrainer):
                 d, c = disc(image)
                 terms["adversarial"] = terms["adversarial"] + least_squares(d, 1.0)
                 terms["category"] = terms["category"] + modality_class_loss(c, target)
+            if code_disc is not None:
+                terms["code_adversarial"] = least_squares(code_disc(fused_levels[-1]), 1.0)
             for parameter in segmenters.parameters():  # the segmenters only judge generated images
                 parameter.requires_grad_(False)
             gen_logits = {i: segmenters.segment(generated[i], i) for i in modalities}
