@@ -259,6 +259,15 @@ def test_cases_from_noise_come_out_as_a_cohort_with_provenance_and_resume(tiny_m
         )
         assert set(provenance["checkpoints"]) == {"structure.pt", "generation.pt"}
     assert (out / "contact_sheet.png").is_file()
+    # The cohort (no atlas: generated anatomy has none) mixes into the segmentation's training data.
+    from medsynth.data.dataset import make_slice_dataset
+    from medsynth.data.mixing import training_mixture
+
+    real = make_slice_dataset(manifest, "train", image_size=SIZE, cache="none", progress=False)
+    mixture = training_mixture(real, synthetic_dir=str(out), multiple=1.0, image_size=SIZE,
+                               cache_dir=str(tmp_path / "cache"), slice_selection="all")  # fmt: skip
+    sources = {mixture["dataset"][i]["source"] for i in mixture["sampler"]}
+    assert sources == {"real", "synthetic"} and mixture["dataset"].extra_size == 3
     # A rerun redoes nothing and gives the same cohort; asking for more continues from there.
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*.nii.gz")}
     again = _builder(root, manifest, out, num_cases=3, structure_filter_mae=1.01, dice_threshold=0.0).run()

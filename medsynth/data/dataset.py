@@ -219,7 +219,8 @@ class SliceDataset(torch.utils.data.Dataset):
 
     Args:
         volumes: dataset of processed patient volumes (:func:`patient_volume_transforms` output).
-        atlases: dataset of processed atlases (:func:`atlas_volume_transforms` output).
+        atlases: dataset of processed atlases (:func:`atlas_volume_transforms` output); ``None``: the
+            items have no ``"atlas"`` (a cohort without one, e.g. cases generated from noise).
         patient_ids: patient id of each entry of ``volumes``.
         atlas_of_patient: index into ``atlases`` of each patient.
         slices: ``(patient position, axial index)`` of every item.
@@ -232,7 +233,7 @@ class SliceDataset(torch.utils.data.Dataset):
     def __init__(
         self,
         volumes: torch.utils.data.Dataset,
-        atlases: torch.utils.data.Dataset,
+        atlases: torch.utils.data.Dataset | None,
         patient_ids: Sequence[str],
         atlas_of_patient: Sequence[int],
         slices: Sequence[tuple[int, int]],
@@ -269,8 +270,12 @@ class SliceDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         patient, z = self.slices[index]
         volume = self._cached("patient", self.volumes, patient)
-        atlas = self._cached("atlas", self.atlases, self.atlas_of_patient[patient])
-        if atlas["atlas"].shape[1] != volume["image"].shape[1]:
+        atlas = (
+            None
+            if self.atlases is None
+            else self._cached("atlas", self.atlases, self.atlas_of_patient[patient])
+        )
+        if atlas is not None and atlas["atlas"].shape[1] != volume["image"].shape[1]:
             raise ValueError(
                 f"patient {self.patient_ids[patient]}: atlas depth {atlas['atlas'].shape[1]} differs from "
                 f"the patient's {volume['image'].shape[1]} slices"
@@ -279,14 +284,15 @@ class SliceDataset(torch.utils.data.Dataset):
         item = {
             "image": volume["image"][:, z].clone(),
             "mask": volume["mask"][:, z].float(),
-            "atlas": neighbour_slices(atlas["atlas"], z, ATLAS_NEIGHBOURS, axis=1).float(),
             "label": volume[MANIFEST_LABEL_COLUMN][:, z].long(),
             "brain_mask": volume[MANIFEST_BRAIN_MASK_COLUMN][:, z].float(),
             "window": volume["window"].clone(),
-            "atlas_window": atlas["atlas_window"].clone(),
             "patient_id": self.patient_ids[patient],
             "slice_index": z,
         }
+        if atlas is not None:
+            item["atlas"] = neighbour_slices(atlas["atlas"], z, ATLAS_NEIGHBOURS, axis=1).float()
+            item["atlas_window"] = atlas["atlas_window"].clone()
         for optional in ("confidence", "tissue"):
             if optional in volume:
                 item[optional] = volume[optional][:, z].float()
@@ -308,6 +314,7 @@ def make_slice_dataset(
     progress: bool = True,
     with_confidence: bool = False,
     with_tissue: bool = False,
+    with_atlas: bool = True,
 ) -> SliceDataset:
     """The 2D-instance dataset of the patients of ``splits``.
 
@@ -327,6 +334,8 @@ def make_slice_dataset(
         progress: show progress bars.
         with_confidence: items carry ``"confidence"``; the manifest must have the
             ``confidence_<sequence>`` columns of a CG-SAMR synthetic cohort.
+        with_atlas: items carry ``"atlas"`` (the default); ``False`` for a cohort without atlas
+            columns (cases generated from noise have no atlas) whose consumers need none.
         with_tissue: items carry ``"tissue"``; the manifest must have the ``tissue_<class>`` columns
             (the phantom's ground truth, or made by ``python -m preprocessing run --tissue-maps``).
     """
@@ -342,7 +351,7 @@ def make_slice_dataset(
     if rows.empty:
         raise ValueError(f"no patient in split(s) {split_list}")
     sequences = sequences_of(manifest)
-    atlas_keys = [atlas_column(s) for s in sequences]
+    atlas_keys = [atlas_column(s) for s in sequences] if with_atlas else []
     confidence_keys = [confidence_column(s) for s in sequences] if with_confidence else []
     tissue_keys = list(TISSUE_COLUMNS) if with_tissue else []
     missing = [
@@ -365,7 +374,9 @@ def make_slice_dataset(
     if not slices:
         raise ValueError(f"no slice of split(s) {split_list} passes slice_selection={slice_selection!r}")
 
-    atlas_sets = sorted({tuple(row[k] for k in atlas_keys) for _, row in rows.iterrows()})
+    atlas_sets = (
+        sorted({tuple(row[k] for k in atlas_keys) for _, row in rows.iterrows()}) if with_atlas else []
+    )
     atlas_index = {paths: i for i, paths in enumerate(atlas_sets)}
     patient_items, atlas_items = [], []
     for _, row in rows.iterrows():
@@ -424,9 +435,9 @@ def make_slice_dataset(
     )
     dataset = SliceDataset(
         volumes,
-        atlases,
+        atlases if with_atlas else None,
         rows["patient_id"].tolist(),
-        [atlas_index[tuple(row[k] for k in atlas_keys)] for _, row in rows.iterrows()],
+        [atlas_index[tuple(row[k] for k in atlas_keys)] if with_atlas else -1 for _, row in rows.iterrows()],
         slices,
         sequences,
         slice_table=table,

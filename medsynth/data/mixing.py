@@ -351,8 +351,14 @@ def training_mixture(
             }
         )
         manifest = resolve_cohort(synthetic_dir, cache_dir, build_atlas=False)
+        # The mixture keeps image and label only: a cohort without atlas (cases from noise) mixes too.
         extra = make_slice_dataset(
-            manifest, "train", image_size, slice_selection, with_confidence=confidence_weighted
+            manifest,
+            "train",
+            image_size,
+            slice_selection,
+            with_confidence=confidence_weighted,
+            with_atlas=False,
         )
         real_sequences = getattr(real, "sequences", None)
         if real_sequences is not None and tuple(extra.sequences) != tuple(real_sequences):
