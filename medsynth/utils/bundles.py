@@ -26,6 +26,7 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "OPTIONAL_WORKFLOWS",
     "WORKFLOWS",
     "add_bundle_arguments",
     "as_flag",
@@ -34,28 +35,30 @@ __all__ = [
     "require_trained_model",
 ]
 
-# Workflow -> the base bundle's config files, in merge order.
+# Workflow -> the base bundle's config files, in merge order: those of every mask-to-image bundle.
 WORKFLOWS: dict[str, tuple[str, ...]] = {
     "train": ("train.json",),
     "evaluate": ("train.json", "evaluate.json"),
     "inference": ("inference.json",),
     "augment": ("inference.json", "augment.json"),
-    "synthesize": ("train.json", "synthesize.json"),
     "multi_gpu_train": ("train.json", "multi_gpu_train.json"),
     "paper": ("train.json", "paper.json"),
 }
+# Workflows only some bundles have: bundles/sfm_gan's cohort from noise.
+OPTIONAL_WORKFLOWS: dict[str, tuple[str, ...]] = {"synthesize": ("train.json", "synthesize.json")}
 
 
 def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") -> list[str]:
-    """The config files of ``workflow`` (a key of :data:`WORKFLOWS`) for the bundle in ``bundle_dir``.
+    """The config files of ``workflow`` (a key of :data:`WORKFLOWS` or :data:`OPTIONAL_WORKFLOWS`) of ``bundle_dir``.
 
     Raises:
         FileNotFoundError: ``bundle_dir`` is not a bundle (no ``configs/metadata.json``), or a file is
         missing.
         ValueError: unknown workflow.
     """
-    if workflow not in WORKFLOWS:
-        raise ValueError(f"unknown workflow {workflow!r}; choose one of {sorted(WORKFLOWS)}")
+    known = {**WORKFLOWS, **OPTIONAL_WORKFLOWS}
+    if workflow not in known:
+        raise ValueError(f"unknown workflow {workflow!r}; choose one of {sorted(known)}")
     bundle = Path(bundle_dir)
     metadata_path = bundle / "configs" / "metadata.json"
     if not metadata_path.is_file():
@@ -63,7 +66,7 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
     derived = json.loads(metadata_path.read_text()).get("derived_from")
     if derived:
         base = bundle / derived["bundle"]
-        names = WORKFLOWS[workflow]
+        names = known[workflow]
         overrides = [bundle / "configs" / name for name in _as_list(derived["overrides"])]
         files = [base / "configs" / names[0], *overrides]
         if names[0] == "train.json" and derived.get("train_overrides"):
@@ -77,7 +80,7 @@ def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") 
         extra = derived.get("workflow_overrides", {}).get(workflow)
         files += [bundle / "configs" / name for name in _as_list(extra)] if extra else []
     else:
-        files = [bundle / "configs" / name for name in WORKFLOWS[workflow]]
+        files = [bundle / "configs" / name for name in known[workflow]]
     missing = [str(path) for path in files if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"bundle {bundle}: missing config file(s) {missing}")
