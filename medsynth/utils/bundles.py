@@ -49,7 +49,7 @@ OPTIONAL_WORKFLOWS: dict[str, tuple[str, ...]] = {"synthesize": ("train.json", "
 
 
 def bundle_config_files(bundle_dir: str | os.PathLike, workflow: str = "train") -> list[str]:
-    """The config files of ``workflow`` (a key of :data:`WORKFLOWS` or :data:`OPTIONAL_WORKFLOWS`) of ``bundle_dir``.
+    """The config files of ``workflow`` (:data:`WORKFLOWS`, :data:`OPTIONAL_WORKFLOWS`) of ``bundle_dir``.
 
     Raises:
         FileNotFoundError: ``bundle_dir`` is not a bundle (no ``configs/metadata.json``), or a file is
