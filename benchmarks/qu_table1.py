@@ -51,7 +51,7 @@ def score_real(parser, judge_path: Path) -> dict[str, float]:
     """The reference segmenters on the real test split's lesion slices: Dice and MSE, mean over sequences."""
     from medsynth.data.dataset import make_slice_dataset
     from medsynth.losses.qu import soft_label_loss
-    from medsynth.synthetic.noise import _lesion_dice
+    from medsynth.synthetic.gates import lesion_dice
 
     segmenters = parser.get_parsed_content("segmenters_def")
     segmenters.load_state_dict(torch.load(judge_path, map_location="cpu", weights_only=True)["segmenters"])
@@ -64,7 +64,7 @@ def score_real(parser, judge_path: Path) -> dict[str, float]:
             item = dataset[index]
             image, onehot = item["image"][None].float(), item["mask"][None].float()
             logits = [segmenters.segment(image[:, i : i + 1], i) for i in range(image.shape[1])]
-            dice.append(np.mean([_lesion_dice(x.argmax(1), onehot.argmax(1)) for x in logits]))
+            dice.append(np.mean([lesion_dice(x.argmax(1), onehot.argmax(1)) for x in logits]))
             mse.append(np.mean([float(soft_label_loss(x, onehot)) for x in logits]))
     return {"data": "real (test split)", "slices": len(dataset), "MSE": float(np.mean(mse)),
             "Dice": float(np.mean(dice))}  # fmt: skip

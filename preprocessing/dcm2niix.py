@@ -35,7 +35,7 @@ import numpy as np
 
 from medsynth.errors import InputDataError
 from medsynth.utils.io import atomic_path, save_json
-from preprocessing.dicom import FREE_TEXT_FIELDS, GZIP_MAGIC, SIDECAR_FIELDS
+from preprocessing.dicom import FREE_TEXT_FIELDS, SIDECAR_FIELDS, is_gzipped
 from preprocessing.roles import RoleAssignment, RoleRules, assign_roles
 
 logger = logging.getLogger(__name__)
@@ -88,10 +88,8 @@ def _inflated_copy(folder: Path, scratch: Path) -> int:
         p for p in folder.rglob("*") if p.is_file() and not p.name.lower().endswith((".nii", ".nii.gz"))
     )
     for index, path in enumerate(files):
-        with open(path, "rb") as handle:
-            compressed = handle.read(2) == GZIP_MAGIC
         target = scratch / f"{index:06d}.dcm"
-        if compressed:
+        if is_gzipped(path):
             with gzip.open(path, "rb") as source, open(target, "wb") as out:
                 shutil.copyfileobj(source, out)
         else:

@@ -116,12 +116,16 @@ class _Slice:
     dataset: pydicom.Dataset
 
 
+def is_gzipped(path: str | os.PathLike) -> bool:
+    """Whether the file starts with the gzip magic number (``.dcm.gz``, or a compressed file of any name)."""
+    with open(path, "rb") as handle:
+        return handle.read(2) == GZIP_MAGIC
+
+
 def _read_dataset(path: Path, stop_before_pixels: bool) -> pydicom.Dataset | None:
     """Read one (possibly gzipped) DICOM file; ``None`` when it is not DICOM."""
     try:
-        with open(path, "rb") as handle:
-            magic = handle.read(2)
-        if magic == GZIP_MAGIC:
+        if is_gzipped(path):
             with gzip.open(path, "rb") as handle:
                 stream = io.BytesIO(handle.read())
         else:

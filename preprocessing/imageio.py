@@ -71,12 +71,17 @@ def _spatial_data(img: nib.Nifti1Image, volume: int | None = None) -> np.ndarray
     return data
 
 
-def load_image(path: str | os.PathLike, volume: int | None = None, **dicom_kwargs) -> nib.Nifti1Image:
+def load_image(
+    path: str | os.PathLike, volume: int | None = None, converter: str = "pydicom", **dicom_kwargs
+) -> nib.Nifti1Image:
     """Load a 3D image from a NIfTI file or a DICOM series folder.
 
     Args:
         path: ``.nii``/``.nii.gz`` file, or a folder with one DICOM series (plain or ``.dcm.gz``).
-        volume: index of the volume to take from a 4D NIfTI (``None``: 4D is refused, naming the file).
+        volume: index of the volume to take from a 4D image (``None``: 4D is refused, naming the file).
+        converter: of a DICOM folder: ``"pydicom"`` (the project's reader, strict slice checks,
+            selection by ``dicom_kwargs``) or ``"dcm2niix"`` (one series of any kind,
+            :func:`preprocessing.dcm2niix.load_dicom_folder`; the pipeline's choice).
         dicom_kwargs: forwarded to :func:`preprocessing.dicom.read_dicom_series` for folders
             (``series_number``, ``series_description``).
 
@@ -87,7 +92,17 @@ def load_image(path: str | os.PathLike, volume: int | None = None, **dicom_kwarg
         InputDataError: missing file, unreadable file, non-3D image, or non-finite voxels.
     """
     path = Path(path)
+    if path.is_dir() and converter == "dcm2niix":
+        from preprocessing.dcm2niix import load_dicom_folder
+
+        if dicom_kwargs:
+            raise ValueError(
+                f"selection {sorted(dicom_kwargs)} is the pydicom reader's; dcm2niix takes one series"
+            )
+        return load_dicom_folder(path, volume)
     if path.is_dir():
+        if converter != "pydicom":
+            raise ValueError(f"converter must be 'pydicom' or 'dcm2niix', got {converter!r}")
         image, _ = read_dicom_series(path, **dicom_kwargs)
         return image
     if not path.exists():

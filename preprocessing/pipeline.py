@@ -251,7 +251,7 @@ def _holds_dicom(folder: Path, probe: int = 20) -> bool:
     """Whether one of the first ``probe`` non-NIfTI files below ``folder`` is DICOM (gzipped or not)."""
     import gzip
 
-    from preprocessing.dicom import GZIP_MAGIC
+    from preprocessing.dicom import is_gzipped
 
     files = (
         p
@@ -259,14 +259,11 @@ def _holds_dicom(folder: Path, probe: int = 20) -> bool:
         if p.is_file() and not p.name.startswith(".") and not p.name.lower().endswith(_NIFTI)
     )
     for _, path in zip(range(probe), files, strict=False):
-        with open(path, "rb") as handle:
-            head = handle.read(132)
-        if head[:2] == GZIP_MAGIC:
-            try:
-                with gzip.open(path, "rb") as handle:
-                    head = handle.read(132)
-            except OSError:
-                continue
+        try:
+            with (gzip.open if is_gzipped(path) else open)(path, "rb") as handle:
+                head = handle.read(132)
+        except OSError:  # a damaged gzip file: not a sign of DICOM
+            continue
         if head[128:132] == b"DICM":
             return True
     return False
@@ -389,12 +386,10 @@ def ingest_exam(exam: Exam, volume: int | None = None) -> dict[str, nib.Nifti1Im
         exam: the exam.
         volume: the volume to take from a 4D series (``None``: a 4D series is refused).
     """
-    from preprocessing.dcm2niix import load_dicom_folder
-
     images = {}
     for sequence, path in exam.sequences.items():
         try:
-            img = load_dicom_folder(path, volume) if path.is_dir() else load_image(path, volume=volume)
+            img = load_image(path, volume=volume, converter="dcm2niix")
         except InputDataError as err:
             raise InputDataError(err.problem, path=path, patient_id=exam.patient_id) from err
         _check_image(img, path, exam.patient_id)

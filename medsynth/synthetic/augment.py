@@ -78,6 +78,7 @@ __all__ = [
     "SUMMARY_NAME",
     "SyntheticCohortBuilder",
     "confidence_column",
+    "publish_case",
     "record_or_check_run",
     "training_sources",
 ]
@@ -485,24 +486,8 @@ class SyntheticCohortBuilder:
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         save_json(provenance, stage / PROVENANCE_NAME)
-        final = self.output_dir / case
-        if final.exists():  # left by a run killed after the rename, before its state was written
-            shutil.rmtree(final)
-        os.replace(stage, final)
-        manifest_row = {
-            "patient_id": case,
-            "split": "train",
-            **{s: str(final / names[s]) for s in self.sequences},
-            MANIFEST_LABEL_COLUMN: str(final / names[MANIFEST_LABEL_COLUMN]),
-            MANIFEST_BRAIN_MASK_COLUMN: str(final / names[MANIFEST_BRAIN_MASK_COLUMN]),
-            **{atlas_column(s): str(row[atlas_column(s)]) for s in self.sequences},
-            SOURCE_COLUMN: str(row["patient_id"]),
-        }
-        if "confidence" in data:
-            manifest_row.update(
-                {confidence_column(s): str(final / names[confidence_column(s)]) for s in self.sequences}
-            )
-        add_manifest_row(self.output_dir, manifest_row)
+        extra = {atlas_column(s): str(row[atlas_column(s)]) for s in self.sequences}
+        publish_case(self.output_dir, case, stage, names, {**extra, SOURCE_COLUMN: str(row["patient_id"])})
 
     # -- the run -------------------------------------------------------------------------------------
     def _run_record(self) -> dict[str, Any]:
@@ -637,6 +622,21 @@ class SyntheticCohortBuilder:
         from medsynth.visualize import contact_sheet
 
         return contact_sheet(self.output_dir, cases, self.sequences, self.output_dir / CONTACT_SHEET_NAME)
+
+
+def publish_case(
+    output_dir: Path, case: str, stage: Path, files: Mapping[str, str], columns: Mapping[str, str]
+) -> Path:
+    """Move a case written in ``stage`` to ``output_dir/case`` (one rename, so it is whole or absent)
+    and list it in ``output_dir/manifest.csv`` (split ``train``): ``files`` maps a manifest column to
+    its file in the case folder, ``columns`` gives the other columns' values."""
+    final = output_dir / case
+    if final.exists():  # left by a run killed after the rename, before its state was written
+        shutil.rmtree(final)
+    os.replace(stage, final)
+    paths = {column: str(final / name) for column, name in files.items()}
+    add_manifest_row(output_dir, {"patient_id": case, "split": "train", **paths, **columns})
+    return final
 
 
 def record_or_check_run(path: Path, record: Mapping[str, Any], output_dir: Path) -> None:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -46,8 +45,10 @@ import medsynth
 from medsynth.constants import LESION_LABELS, MANIFEST_BRAIN_MASK_COLUMN, MANIFEST_LABEL_COLUMN
 from medsynth.engines.adversarial import unwrap
 from medsynth.engines.qu import fused_label
-from medsynth.inference.transforms import SOURCE_COLUMN, add_manifest_row
+from medsynth.inference.transforms import SOURCE_COLUMN
 from medsynth.losses.qu import soft_label_loss
+from medsynth.synthetic.augment import PROVENANCE_NAME, publish_case, record_or_check_run
+from medsynth.synthetic.gates import lesion_dice
 from medsynth.transforms.intensity import unit_to_intensity
 from medsynth.transforms.structure import StructuralMapFilter, fuse_structure_and_label, label_inside_brain
 from medsynth.utils.hashing import file_digest
@@ -95,13 +96,6 @@ def random_lesion_label(
     moved = ndimage.affine_transform(lesion, inverse, offset=offset, order=0, mode="constant", cval=0)
     params = {"scale": scale, "rotation_deg": angle, "translation_px": shift.tolist(), "flip": flip}
     return moved.astype(np.int64), params
-
-
-def _lesion_dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    lesion_labels = torch.as_tensor(LESION_LABELS, device=prediction.device)
-    a, b = torch.isin(prediction, lesion_labels), torch.isin(target, lesion_labels)
-    total = int(a.sum() + b.sum())
-    return 1.0 if total == 0 else 2.0 * float((a & b).sum()) / total
 
 
 class NoiseCohortBuilder:
@@ -190,6 +184,7 @@ class NoiseCohortBuilder:
             )
         self._sources: list[dict[str, Any]] | None = None
         self.dataset_dir = dataset_dir
+        self._digests: dict[str, str] | None = None
         self.label_paths = [str(p) for p in label_paths or []]
 
     def _load(self, path: Path, names: Sequence[str]) -> None:
@@ -281,7 +276,7 @@ class NoiseCohortBuilder:
             images = self.generator.generate(fused)
             target = onehot.argmax(dim=1)
             logits = [self.judge.segment(images[:, i : i + 1], i) for i in range(len(self.sequences))]
-            dice = {s: _lesion_dice(logits[i].argmax(dim=1), target) for i, s in enumerate(self.sequences)}
+            dice = {s: lesion_dice(logits[i].argmax(dim=1), target) for i, s in enumerate(self.sequences)}
             label_mse = float(np.mean([float(soft_label_loss(x, onehot)) for x in logits]))
         outcome.update(
             {
@@ -326,26 +321,12 @@ class NoiseCohortBuilder:
             "dice_filter": {"dice": outcome["dice"], "threshold": self.dice_threshold},
             "bundle": self.bundle,
             "medsynth_version": medsynth.__version__,
-            "checkpoints": {
-                p.name: {"sha256": file_digest(p)} for p in (self.structure_path, self.generation_path)
-            },
+            "checkpoints": {name: {"sha256": digest} for name, digest in self.checkpoint_digests().items()},
             "files": names,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
         }
-        save_json(provenance, stage / "provenance.json")
-        final = self.output_dir / case
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(stage, final)
-        row = {
-            "patient_id": case,
-            "split": "train",
-            **{s: str(final / names[s]) for s in self.sequences},
-            MANIFEST_LABEL_COLUMN: str(final / names[MANIFEST_LABEL_COLUMN]),
-            MANIFEST_BRAIN_MASK_COLUMN: str(final / names[MANIFEST_BRAIN_MASK_COLUMN]),
-            SOURCE_COLUMN: source,
-        }
-        add_manifest_row(self.output_dir, row)
+        save_json(provenance, stage / PROVENANCE_NAME)
+        publish_case(self.output_dir, case, stage, names, {SOURCE_COLUMN: source})
 
     # -- the run ------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -384,13 +365,18 @@ class NoiseCohortBuilder:
         )  # fmt: skip
         return summary
 
+    def checkpoint_digests(self) -> dict[str, str]:
+        """SHA-256 of the two weights files, computed once (every case's provenance holds them)."""
+        if self._digests is None:
+            self._digests = {p.name: file_digest(p) for p in (self.structure_path, self.generation_path)}
+        return self._digests
+
     def _check_run_record(self, path: Path) -> None:
         """A resumed cohort must come from the same models and settings (else: a new folder)."""
         from medsynth.data.cohort import preprocessing_fingerprint
-        from medsynth.synthetic.augment import record_or_check_run
 
         record = {
-            "checkpoints": {p.name: file_digest(p) for p in (self.structure_path, self.generation_path)},
+            "checkpoints": self.checkpoint_digests(),
             "judge": self.judge is not self.segmenters,
             "label_paths": self.label_paths,
             "settings": {
